@@ -11,11 +11,9 @@ import importlib
 import logging
 import sys
 
+from knnlm.errors import KnnlmError
+
 COMMANDS = ["prepare"]
-
-
-class UserError(Exception):
-    """A problem with the user's input: printed as one line, exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         args.func(args)
-    except UserError as err:
+    except KnnlmError as err:
         print(f"knnlm {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -1,0 +1,1 @@
+"""fairseq criterions for regularized kNN-LM training (registered on import)."""

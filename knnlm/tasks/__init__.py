@@ -1,0 +1,1 @@
+"""fairseq tasks for datastore dumping and kNN-LM evaluation (registered on import)."""
