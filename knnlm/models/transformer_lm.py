@@ -78,6 +78,7 @@ class KnnTransformerLanguageModel(TransformerLanguageModel):
         return output, extra
 
     def extract_features(self, src_tokens, **kwargs):
+        kwargs.setdefault("encoder_out", None)
         self.key_capture.clear()
         features, extra = self.decoder.extract_features(src_tokens, **kwargs)
         extra.update(self.key_capture.pop_all())

@@ -1,0 +1,139 @@
+"""``knnlm index {build,train,merge,info}``; also a hydra app for ``build``.
+
+Hydra::
+
+    python -m knnlm.cli.index datastore=datastores/wt103/ffn out=indexes/wt103.ffn.faiss factory=IVF4096,PQ64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+
+from knnlm.datastore.index import DEFAULT_FACTORY, IndexBuildConfig, build_index, index_info
+from knnlm.datastore.shards import merge_index_ondisk
+from knnlm.datastore.store import Datastore
+from knnlm.errors import KnnlmError
+
+_DEFAULTS = IndexBuildConfig()
+
+
+def _add_build_options(parser: argparse.ArgumentParser, train_only: bool) -> None:
+    parser.add_argument("--datastore", required=True, help="datastore folder (e.g. datastores/wt103/ffn)")
+    parser.add_argument(
+        "--out", required=True, help="index file to write; its metadata goes to OUT.meta.json"
+    )
+    parser.add_argument(
+        "--factory",
+        default=DEFAULT_FACTORY,
+        help=f"faiss factory string, or 'auto' for small datastores (default {DEFAULT_FACTORY})",
+    )
+    parser.add_argument(
+        "--metric",
+        choices=("ip", "l2"),
+        default=_DEFAULTS.metric,
+        help="inner product or (squared) L2; scores are q.k or -||q-k||^2",
+    )
+    parser.add_argument(
+        "--train-size",
+        type=int,
+        default=_DEFAULTS.train_size,
+        help="keys sampled (with --seed) to train the index",
+    )
+    parser.add_argument("--seed", type=int, default=_DEFAULTS.seed)
+    parser.add_argument(
+        "--nprobe", type=int, default=_DEFAULTS.nprobe, help="default nprobe stored in the index"
+    )
+    parser.add_argument("--device", default="auto", help="auto (faiss GPUs if present), cpu, cuda")
+    parser.add_argument("--overwrite", action="store_true")
+    if not train_only:
+        parser.add_argument("--add-chunk", type=int, default=_DEFAULTS.add_chunk, help="keys added per call")
+        parser.add_argument(
+            "--trained", default=None, help="trained empty index from `knnlm index train` (sharded builds)"
+        )
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``index`` and its actions to the ``knnlm`` command."""
+    parser = subparsers.add_parser(
+        "index",
+        help="build and inspect FAISS indexes over datastores",
+        description="Build and inspect FAISS indexes over datastores.",
+    )
+    actions = parser.add_subparsers(dest="index_action", required=True, metavar="ACTION")
+
+    build = actions.add_parser("build", help="train and fill an index over a datastore")
+    _add_build_options(build, train_only=False)
+    build.set_defaults(func=_build, train_only=False)
+
+    train = actions.add_parser("train", help="only train an (empty) index, for sharded adding")
+    _add_build_options(train, train_only=True)
+    train.set_defaults(func=_build, train_only=True)
+
+    merge = actions.add_parser("merge", help="merge shard indexes into one with on-disk inverted lists")
+    merge.add_argument("--trained", required=True, help="the trained index the shard indexes were built from")
+    merge.add_argument("--shards", nargs="+", required=True, help="shard index files, in shard order")
+    merge.add_argument("--datastore", required=True, help="the merged datastore (knnlm datastore merge)")
+    merge.add_argument("--out", required=True)
+    merge.add_argument("--ivfdata", default=None, help="inverted-lists file (default: OUT with .ivfdata)")
+    merge.add_argument("--overwrite", action="store_true")
+    merge.set_defaults(func=_merge)
+
+    info = actions.add_parser("info", help="verify an index's metadata and print it")
+    info.add_argument("path")
+    info.set_defaults(func=_info)
+
+
+def config_from_args(args: argparse.Namespace) -> IndexBuildConfig:
+    """The index configuration of parsed ``index build``/``index train`` arguments."""
+    names = {f.name for f in fields(IndexBuildConfig)}
+    return IndexBuildConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def _build(args: argparse.Namespace) -> None:
+    out = build_index(config_from_args(args))
+    meta = index_info(out)
+    print(
+        f"{out}: {meta['role']} {meta['factory']} ({meta['metric']}), ntotal {meta.get('ntotal')}, "
+        f"nprobe {meta.get('nprobe')}"
+    )
+
+
+def _merge(args: argparse.Namespace) -> None:
+    store = Datastore.open(args.datastore)
+    out = merge_index_ondisk(
+        args.trained, args.shards, store, args.out, args.ivfdata, overwrite=args.overwrite
+    )
+    print(f"{out}: {index_info(out)['ntotal']} vectors, lists in {index_info(out)['ondisk']['ivfdata']}")
+
+
+def _info(args: argparse.Namespace) -> None:
+    print(json.dumps(index_info(args.path), indent=2, sort_keys=True))
+
+
+def hydra_main() -> int:
+    """``python -m knnlm.cli.index key=value ...``: ``index build`` as a hydra app."""
+    import hydra
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import DictConfig, OmegaConf
+
+    ConfigStore.instance().store(name="index_build", node=IndexBuildConfig)
+    status = 0
+
+    @hydra.main(version_base=None, config_path=None, config_name="index_build")
+    def app(cfg: DictConfig) -> None:
+        nonlocal status
+        try:
+            print(build_index(OmegaConf.to_object(cfg)))
+        except KnnlmError as err:
+            print(f"knnlm index build: error: {err}", file=sys.stderr)
+            status = 2
+
+    app()
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(hydra_main())
