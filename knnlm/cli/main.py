@@ -13,7 +13,7 @@ import sys
 
 from knnlm.errors import KnnlmError
 
-COMMANDS = ["prepare"]
+COMMANDS = ["prepare", "score", "report"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -152,10 +152,11 @@ def run_score(options: Mapping[str, Any]) -> int:
     if options["split"] == "test" and test is None:
         raise KnnlmError("--split test needs --test-cache (λ is tuned on --valid-cache, reported on test)")
     settings, missing = check_settings(valid, test, settings)
-    for setting, reason in missing:
+    if missing:
+        reasons = sorted({reason for _, reason in missing})
         if not options.get("skip_missing"):
-            raise KnnlmError(f"{reason}; dump it, drop it from the sweep, or pass --skip-missing")
-        logger.warning("skipping %s: %s", setting, reason)
+            raise KnnlmError(f"{reasons[0]}; dump it, drop it from the sweep, or pass --skip-missing")
+        logger.warning("skipping %d of %d settings: %s", len(missing), len(missing) + len(settings), "; ".join(reasons))
     out = Path(options["out"])
     labels = parse_labels(options.get("labels"))
     logger.info("scoring %d settings -> %s", len(settings), out)
@@ -184,19 +185,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, type=Path, metavar="JSONL", help="results file (appended)")
     parser.add_argument("--key-type", default="att", metavar="LIST", help="att, ffn (default att)")
     parser.add_argument("--similarity", default="l2", metavar="LIST", help="l2, ip (default l2)")
-    parser.add_argument("--k", default="1024", metavar="LIST", help="neighbours kept, <= k_max (default 1024)")
+    parser.add_argument("--k", default="1024", metavar="LIST", help="neighbours kept, <= k_max")
     parser.add_argument("--temperature", default="1.0", metavar="LIST", help="softmax temperature τ > 0")
     parser.add_argument(
-        "--lambda", dest="lambda_", default=TUNE, metavar="LIST", help="'tune' (on validation) or values in [0, 1]"
+        "--lambda", dest="lambda_", default=TUNE, metavar="LIST", help="'tune' (on validation) or in [0, 1]"
     )
-    parser.add_argument("--lambda-grid", default="0:1:0.01", metavar="LIST", help="λ values tried when tuning")
-    parser.add_argument("--mask-source", default="faiss", metavar="LIST", help="faiss, real (which neighbours)")
+    parser.add_argument("--lambda-grid", default="0:1:0.01", metavar="LIST", help="λ values tuning tries")
+    parser.add_argument("--mask-source", default="faiss", metavar="LIST", help="faiss, real: which neighbours")
     parser.add_argument("--score-source", default="faiss", metavar="LIST", help="faiss, real (their scores)")
     parser.add_argument(
         "--subsample-ratio",
         default="1.0",
         metavar="LIST",
-        help="score-time datastore subsampling (an approximation; rebuild with --subsample for the exact one)",
+        help="score-time datastore subsampling (approximate; rebuild with --subsample for exact)",
     )
     parser.add_argument("--subsample-seed", default="0", metavar="LIST", help="seed(s) of the subsample")
     parser.add_argument(
@@ -224,7 +225,7 @@ def hydra_app() -> None:
     from hydra.utils import to_absolute_path
     from omegaconf import DictConfig, OmegaConf
 
-    @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
+    @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="score")
     def _main(cfg: DictConfig) -> None:
         options = OmegaConf.to_container(cfg, resolve=True)
         assert isinstance(options, dict)
@@ -240,5 +241,4 @@ def hydra_app() -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s")
     hydra_app()
