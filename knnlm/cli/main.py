@@ -13,7 +13,7 @@ import sys
 
 from knnlm.errors import KnnlmError
 
-COMMANDS = ["prepare", "score", "report"]
+COMMANDS = ["prepare", "datastore", "index", "eval", "score", "report", "analyze"]
 
 
 def build_parser() -> argparse.ArgumentParser:
