@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models: threads only add contention
 
 DEMO_CORPUS = Path(__file__).resolve().parents[1] / "knnlm" / "resources" / "demo_corpus"
 

@@ -15,7 +15,15 @@ from knnlm.models.capture import key_dim
 
 from .conftest import run_module
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def float64_models():
+    """Recompute in float64 here, and leave the global default as it was for other modules."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def recompute_keys(decoder, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,9 +22,7 @@ _DEFAULTS = IndexBuildConfig()
 
 def _add_build_options(parser: argparse.ArgumentParser, train_only: bool) -> None:
     parser.add_argument("--datastore", required=True, help="datastore folder (e.g. datastores/wt103/ffn)")
-    parser.add_argument(
-        "--out", required=True, help="index file to write; its metadata goes to OUT.meta.json"
-    )
+    parser.add_argument("--out", required=True, help="index file to write; its metadata goes to OUT.meta.json")
     parser.add_argument(
         "--factory",
         default=DEFAULT_FACTORY,
@@ -43,9 +41,7 @@ def _add_build_options(parser: argparse.ArgumentParser, train_only: bool) -> Non
         help="keys sampled (with --seed) to train the index",
     )
     parser.add_argument("--seed", type=int, default=_DEFAULTS.seed)
-    parser.add_argument(
-        "--nprobe", type=int, default=_DEFAULTS.nprobe, help="default nprobe stored in the index"
-    )
+    parser.add_argument("--nprobe", type=int, default=_DEFAULTS.nprobe, help="default nprobe stored in the index")
     parser.add_argument("--device", default="auto", help="auto (faiss GPUs if present), cpu, cuda")
     parser.add_argument("--overwrite", action="store_true")
     if not train_only:
@@ -103,9 +99,7 @@ def _build(args: argparse.Namespace) -> None:
 
 def _merge(args: argparse.Namespace) -> None:
     store = Datastore.open(args.datastore)
-    out = merge_index_ondisk(
-        args.trained, args.shards, store, args.out, args.ivfdata, overwrite=args.overwrite
-    )
+    out = merge_index_ondisk(args.trained, args.shards, store, args.out, args.ivfdata, overwrite=args.overwrite)
     print(f"{out}: {index_info(out)['ntotal']} vectors, lists in {index_info(out)['ondisk']['ivfdata']}")
 
 

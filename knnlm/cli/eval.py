@@ -1,0 +1,77 @@
+"""``knnlm eval``: the dump phase of the two-phase evaluation.
+
+    knnlm eval dump --checkpoint CKPT --data DATA_BIN --split valid --out caches/valid
+    knnlm eval retrieve --cache caches/valid --datastore ds/att --index ds/att.l2.faiss [--real-score]
+    knnlm eval retrieve --cache caches/valid --datastore ds/att --similarity l2      # exact ("real mask")
+
+Then ``knnlm score`` reads the caches.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from knnlm.evaluation.dump import LMDumpConfig, RetrievalConfig, cache_lm_perplexity, dump_lm, dump_retrieval
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("eval", help="dump per-token LM outputs and neighbours into a cache")
+    jobs = parser.add_subparsers(dest="job", required=True, metavar="JOB")
+
+    dump = jobs.add_parser("dump", help="one LM pass over a split: targets, LM log-probs, att/ffn queries")
+    dump.add_argument("--checkpoint", required=True)
+    dump.add_argument("--data", required=True, help="fairseq data-bin folder (with dict.txt)")
+    dump.add_argument("--split", default="valid")
+    dump.add_argument("--out", required=True, help="cache folder to write")
+    dump.add_argument("--tokens-per-sample", type=int, default=None, help="default: the checkpoint's")
+    dump.add_argument("--context-window", type=int, default=None, help="default: half of tokens-per-sample")
+    dump.add_argument("--max-tokens", type=int, default=8192, help="tokens per forward batch")
+    dump.add_argument("--limit-tokens", type=int, default=None, help="only the split's first N target tokens")
+    dump.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:1, ...")
+    dump.set_defaults(func=_dump)
+
+    retrieve = jobs.add_parser("retrieve", help="top-k neighbours of every cached query in one datastore")
+    retrieve.add_argument("--cache", required=True)
+    retrieve.add_argument("--datastore", required=True)
+    retrieve.add_argument("--index", default=None, help="FAISS index file; without it: exact search")
+    retrieve.add_argument("--similarity", choices=["l2", "ip"], default=None, help="required for exact search")
+    retrieve.add_argument("--real-score", action="store_true", help="rescore FAISS neighbours from stored keys")
+    retrieve.add_argument("--k-max", type=int, default=1024)
+    retrieve.add_argument("--nprobe", type=int, default=None, help="default: the index's stored nprobe")
+    retrieve.add_argument("--batch", type=int, default=4096, help="queries per search call")
+    retrieve.add_argument("--device", default="auto")
+    retrieve.set_defaults(func=_retrieve)
+
+
+def _dump(args: argparse.Namespace) -> None:
+    out = dump_lm(
+        LMDumpConfig(
+            checkpoint=args.checkpoint,
+            data=args.data,
+            out=args.out,
+            split=args.split,
+            tokens_per_sample=args.tokens_per_sample,
+            context_window=args.context_window,
+            max_tokens=args.max_tokens,
+            limit_tokens=args.limit_tokens,
+            device=args.device,
+        )
+    )
+    print(f"{out}: LM perplexity {cache_lm_perplexity(out):.2f}")
+
+
+def _retrieve(args: argparse.Namespace) -> None:
+    folder = dump_retrieval(
+        RetrievalConfig(
+            cache=args.cache,
+            datastore=args.datastore,
+            index=args.index,
+            similarity=args.similarity,
+            real_score=args.real_score,
+            k_max=args.k_max,
+            nprobe=args.nprobe,
+            batch=args.batch,
+            device=args.device,
+        )
+    )
+    print(f"wrote {folder}")

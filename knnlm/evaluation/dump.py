@@ -1,0 +1,326 @@
+"""The dump phase: one LM pass over a split, then one retrieval per datastore, into a cache.
+
+``dump_lm`` runs the LM over a split with fairseq eval_lm's contexts (the same
+:class:`~knnlm.datastore.contexts.ContextPlan` the datastore builder uses) and
+writes, per target token, its id, the LM log-probability of the target, the
+``att`` and ``ffn`` query vectors and its position in the context window.
+``dump_retrieval`` then searches one datastore for every cached query and writes
+the top ``k_max`` neighbour ids, scores and values as one retrieval folder (see
+:mod:`knnlm.evaluation.cache`). Scoring afterwards needs neither the model nor
+the datastore.
+
+Both passes stream into memory-mapped ``.npy`` files in chunks and record their
+progress, so an interrupted dump resumes from the last complete chunk; the
+cache's ``meta.json`` is (re)written last, atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from knnlm.datastore import Datastore, KnnIndex, exact_topk, rescore
+from knnlm.datastore.build import load_language_model, load_split, resolve_device
+from knnlm.datastore.contexts import ContextPlan
+from knnlm.datastore.meta import dictionary_fingerprint, sha256_files
+from knnlm.errors import KnnlmError
+from knnlm.evaluation.cache import (
+    Cache,
+    RetrievalInfo,
+    default_retrieval_name,
+    write_cache_meta,
+    write_json_atomic,
+)
+from knnlm.models.capture import KEY_TYPES, KeyCapture, key_dim
+
+logger = logging.getLogger(__name__)
+
+PROGRESS = "progress.json"
+
+
+@dataclass
+class LMDumpConfig:
+    """Options of ``knnlm eval dump``: which model, which split, which contexts."""
+
+    checkpoint: str
+    data: str
+    out: str
+    split: str = "valid"
+    tokens_per_sample: int | None = None  # None: the checkpoint's
+    context_window: int | None = None  # None: half of tokens_per_sample (kNN-LM: 3072 / 1536)
+    max_tokens: int = 8192
+    limit_tokens: int | None = None  # only the split's first N target tokens
+    chunk_batches: int = 32
+    device: str = "auto"
+
+
+def _open_output(path: Path, dtype: str, shape: tuple[int, ...], resume: bool) -> np.memmap:
+    if resume and path.exists():
+        arr = np.load(path, mmap_mode="r+")
+        if arr.shape == shape and arr.dtype == np.dtype(dtype):
+            return arr
+    return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+
+
+def _read_progress(out: Path, spec: dict[str, Any]) -> int:
+    """Next unit to compute: 0 unless an interrupted dump of the same spec left progress."""
+    try:
+        progress = json.loads((out / PROGRESS).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+    return int(progress["next"]) if progress.get("spec") == spec else 0
+
+
+def dump_lm(cfg: LMDumpConfig) -> Path:
+    """Write ``targets``, ``lm_logprob``, ``query_att``, ``query_ffn``, ``positions`` of a split."""
+    out = Path(cfg.out)
+    if (out / "meta.json").exists():
+        meta = json.loads((out / "meta.json").read_text())
+        if meta.get("dump", {}).get("complete"):
+            logger.info("%s is complete already", out)
+            return out
+    device = resolve_device(cfg.device)
+    model, task = load_language_model(cfg.checkpoint, cfg.data)
+    dictionary = task.source_dictionary
+    stream, data_sha = load_split(cfg.data, cfg.split, dictionary)
+    tokens_per_sample = cfg.tokens_per_sample or int(task.cfg.tokens_per_sample)
+    context_window = tokens_per_sample // 2 if cfg.context_window is None else cfg.context_window
+    n_tokens = len(stream) if cfg.limit_tokens is None else min(cfg.limit_tokens, len(stream))
+    if n_tokens <= 0:
+        raise KnnlmError(f"--limit-tokens must be positive; got {cfg.limit_tokens}")
+    plan = ContextPlan(n_tokens, tokens_per_sample, context_window, cfg.max_tokens)
+    dims = {kt: key_dim(model.decoder, kt) for kt in KEY_TYPES}
+    checkpoint_sha = sha256_files([cfg.checkpoint])
+    spec = {
+        "checkpoint_sha256": checkpoint_sha,
+        "data_sha256": data_sha,
+        "split": cfg.split,
+        "n_tokens": n_tokens,
+        **plan.settings(),
+        "windows_per_batch": plan.windows_per_batch,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    start = _read_progress(out, spec)
+    resume = start > 0
+    arrays = {
+        "targets": _open_output(out / "targets.npy", "int64", (n_tokens,), resume),
+        "lm_logprob": _open_output(out / "lm_logprob.npy", "float32", (n_tokens,), resume),
+        "positions": _open_output(out / "positions.npy", "int32", (n_tokens,), resume),
+        **{
+            f"query_{kt}": _open_output(out / f"query_{kt}.npy", "float16", (n_tokens, dims[kt]), resume)
+            for kt in KEY_TYPES
+        },
+    }
+    if resume:
+        logger.info("resuming %s from batch %d of %d", out, start, plan.num_batches)
+    model.eval().to(device)
+    capture = KeyCapture(model.decoder)
+    bar = tqdm(total=n_tokens, initial=plan.batch_targets(start)[0] if start < plan.num_batches else n_tokens,
+               unit="tok", unit_scale=True, desc=f"dump {cfg.split}", disable=None)
+    try:
+        for chunk0 in range(start, plan.num_batches, cfg.chunk_batches):
+            chunk1 = min(chunk0 + cfg.chunk_batches, plan.num_batches)
+            for b in range(chunk0, chunk1):
+                s, e = plan.batch_targets(b)
+                _lm_batch(model, capture, plan, stream, b, dictionary.pad(), device, arrays, s)
+                bar.update(e - s)
+            for arr in arrays.values():
+                arr.flush()
+            write_json_atomic(out / PROGRESS, {"spec": spec, "next": chunk1})
+    finally:
+        bar.close()
+        capture.remove()
+    lm_logprob = np.asarray(arrays["lm_logprob"], dtype=np.float64)
+    logger.info(
+        "%s: %d tokens, LM perplexity %.2f", cfg.split, n_tokens, float(np.exp(-lm_logprob.mean()))
+    )
+    extra = {
+        "dump": {
+            "complete": True,
+            "checkpoint": str(Path(cfg.checkpoint).resolve()),
+            "data": str(Path(cfg.data).resolve()),
+            "split_tokens": len(stream),
+            "limit_tokens": cfg.limit_tokens,
+            "context": plan.settings(),
+            "data_sha256": data_sha,
+        },
+        "dictionary_fingerprint": dictionary_fingerprint(dictionary),
+    }
+    write_cache_meta(
+        out,
+        split=cfg.split,
+        n_tokens=n_tokens,
+        dict_size=len(dictionary),
+        checkpoint_fingerprint=checkpoint_sha,
+        key_dims=dims,
+        retrievals=[],
+        extra_meta=extra,
+    )
+    (out / PROGRESS).unlink(missing_ok=True)
+    return out
+
+
+@torch.inference_mode()
+def _lm_batch(
+    model: torch.nn.Module,
+    capture: KeyCapture,
+    plan: ContextPlan,
+    stream: Any,
+    b: int,
+    pad: int,
+    device: torch.device,
+    arrays: dict[str, np.memmap],
+    first: int,
+) -> None:
+    """Forward batch ``b``; store its targets' LM log-probs, queries and window positions."""
+    windows = [plan.window(w) for w in plan.batch_windows(b)]
+    width = max(e - a for a, _s, e in windows)
+    tokens = np.full((len(windows), width), pad, dtype=np.int64)
+    rows, cols = [], []
+    for i, (a, s, e) in enumerate(windows):
+        tokens[i, : e - a] = stream.sources(a, e)
+        rows.append(np.full(e - s, i))
+        cols.append((s - a) + np.arange(e - s))
+    row, col = np.concatenate(rows), np.concatenate(cols)
+    s_b, e_b = windows[0][1], windows[-1][2]
+    targets = stream.targets(s_b, e_b)
+    capture.clear()
+    net_output = model(torch.from_numpy(tokens).to(device))
+    lprobs = model.get_normalized_probs(net_output, log_probs=True).float()
+    r, c = torch.from_numpy(row).to(device), torch.from_numpy(col).to(device)
+    t = torch.from_numpy(targets).to(device)
+    arrays["lm_logprob"][s_b:e_b] = lprobs[r, c, t].cpu().numpy()
+    arrays["targets"][s_b:e_b] = targets
+    arrays["positions"][s_b:e_b] = col
+    for kt in KEY_TYPES:
+        arrays[f"query_{kt}"][s_b:e_b] = capture.pop(kt)[r, c].to(torch.float16).cpu().numpy()
+    capture.clear()
+
+
+@dataclass
+class RetrievalConfig:
+    """Options of ``knnlm eval retrieve``: which datastore, which search, how many neighbours."""
+
+    cache: str
+    datastore: str
+    index: str | None = None  # FAISS index file; None: exact search ("real mask")
+    similarity: str | None = None  # taken from the index; required for exact search
+    real_score: bool = False  # FAISS mask, scores recomputed from the stored keys
+    k_max: int = 1024
+    nprobe: int | None = None
+    batch: int = 4096
+    device: str = "auto"
+
+
+def dump_retrieval(cfg: RetrievalConfig) -> Path:
+    """Search the datastore for every cached query; write ``knn/<name>/`` and update the cache meta."""
+    cache = Cache(cfg.cache)
+    store = Datastore.open(cfg.datastore)
+    if cache.dictionary_fingerprint is not None and cache.dictionary_fingerprint != (
+        store.meta["source"]["dictionary_sha256"]
+    ):
+        raise KnnlmError(
+            f"{cfg.datastore} was built with another dictionary than the cache {cfg.cache}; "
+            "dump and datastore must come from the same data-bin"
+        )
+    key_type = store.key_type
+    queries = np.load(Path(cfg.cache) / f"query_{key_type}.npy", mmap_mode="r")
+    if queries.shape[1] != store.key_dim:
+        raise KnnlmError(
+            f"{cfg.cache}: {key_type} queries have dimension {queries.shape[1]} but {cfg.datastore} "
+            f"holds {store.key_dim}-d keys; use the datastore of the same checkpoint"
+        )
+    index = None
+    if cfg.index is not None:
+        index = KnnIndex.load(cfg.index, store, nprobe=cfg.nprobe, device=cfg.device)
+        similarity = index.similarity
+        if cfg.similarity is not None and cfg.similarity != similarity:
+            raise KnnlmError(f"--similarity {cfg.similarity} differs from the index's metric {similarity}")
+    elif cfg.similarity is None:
+        raise KnnlmError("exact search needs --similarity l2|ip (there is no index to take it from)")
+    else:
+        similarity = cfg.similarity
+    if cfg.real_score and index is None:
+        raise KnnlmError("--real-score rescores FAISS neighbours: give --index too")
+    k = min(cfg.k_max, store.num_keys)
+    mask_source = "faiss" if index is not None else "real"
+    score_source = "real" if (cfg.real_score or index is None) else "faiss"
+    name = default_retrieval_name(key_type, similarity, mask_source, score_source)
+    folder = Path(cfg.cache) / "knn" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "meta.json").unlink(missing_ok=True)  # incomplete until rewritten
+    n = len(queries)
+    spec = {"datastore_id": store.datastore_id, "index": cfg.index, "nprobe": cfg.nprobe, "k": k,
+            "similarity": similarity, "score_source": score_source, "batch": cfg.batch}
+    start = _read_progress(folder, spec)
+    resume = start > 0
+    ids_out = _open_output(folder / "ids.npy", "int64", (n, k), resume)
+    scores_out = _open_output(folder / "scores.npy", "float32", (n, k), resume)
+    vals_out = _open_output(folder / "vals.npy", "int64", (n, k), resume)
+    vals = np.asarray(store.vals)
+    bar = tqdm(total=n, initial=start, unit="q", unit_scale=True, desc=f"retrieve {name}", disable=None)
+    for q0 in range(start, n, cfg.batch):
+        q = np.asarray(queries[q0 : q0 + cfg.batch], dtype=np.float32)
+        if index is None:
+            scores, ids = exact_topk(q, store, k, similarity, device=cfg.device)
+        else:
+            scores, ids = index.search(q, k)
+            if cfg.real_score:
+                scores = rescore(q, ids, store, similarity, device=cfg.device)
+        ids_out[q0 : q0 + len(q)] = ids
+        scores_out[q0 : q0 + len(q)] = scores
+        vals_out[q0 : q0 + len(q)] = np.where(ids >= 0, vals[np.maximum(ids, 0)], -1)
+        for arr in (ids_out, scores_out, vals_out):
+            arr.flush()
+        write_json_atomic(folder / PROGRESS, {"spec": spec, "next": q0 + len(q)})
+        bar.update(len(q))
+    bar.close()
+    info = RetrievalInfo(
+        name=name,
+        key_type=key_type,
+        similarity=similarity,
+        mask_source=mask_source,
+        score_source=score_source,
+        k_max=k,
+        datastore={
+            "path": str(Path(cfg.datastore).resolve()),
+            "size": store.num_keys,
+            "fingerprint": store.datastore_id,
+            "subsample": store.meta.get("subsample"),
+        },
+        index=None if index is None else {"factory": index.meta.get("factory"), "nprobe": index.nprobe,
+                                          "path": str(Path(cfg.index).resolve())},
+    )
+    _register_retrieval(Path(cfg.cache), cache, info)
+    (folder / PROGRESS).unlink(missing_ok=True)
+    return folder
+
+
+def _register_retrieval(path: Path, cache: Cache, info: RetrievalInfo) -> None:
+    """Rewrite the cache meta with ``info`` added (replacing an older retrieval of the same name)."""
+    meta = dict(cache.meta)
+    keep = [cache.retrieval(name).info for name in cache.retrieval_names if name != info.name]
+    extra = {k: v for k, v in meta.items() if k not in ("retrievals",)}
+    write_cache_meta(
+        path,
+        split=meta["split"],
+        n_tokens=meta["n_tokens"],
+        dict_size=meta["dict_size"],
+        checkpoint_fingerprint=meta["checkpoint_fingerprint"],
+        key_dims=meta["key_dims"],
+        retrievals=[*keep, info],
+        extra_meta=extra,
+    )
+
+
+def cache_lm_perplexity(path: str | os.PathLike) -> float:
+    """exp of the mean negative LM log-prob of a cache (what fairseq-eval-lm reports, in nats)."""
+    return float(np.exp(-np.load(Path(path) / "lm_logprob.npy").astype(np.float64).mean()))

@@ -1,0 +1,117 @@
+"""The dump phase: LM log-probs match fairseq-eval-lm, retrievals match brute force, scoring reads them."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import knnlm
+from knnlm.datastore import Datastore, DatastoreBuildConfig, IndexBuildConfig, build_datastore, build_index
+from knnlm.errors import KnnlmError
+from knnlm.evaluation.cache import Cache
+from knnlm.evaluation.dump import LMDumpConfig, RetrievalConfig, cache_lm_perplexity, dump_lm, dump_retrieval
+from knnlm.evaluation.score import ScoreSetting, score
+
+from .conftest import run_module
+
+TPS, CW = 48, 16
+
+
+@pytest.fixture(scope="module")
+def caches(tiny_checkpoint, tiny_data_bin, tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    out = {}
+    for split in ("valid", "test"):
+        out[split] = dump_lm(
+            LMDumpConfig(
+                checkpoint=str(tiny_checkpoint), data=str(tiny_data_bin), out=str(root / split), split=split,
+                tokens_per_sample=TPS, context_window=CW, max_tokens=256, chunk_batches=2, device="cpu",
+            )
+        )
+    (store_path,) = build_datastore(
+        DatastoreBuildConfig(
+            checkpoint=str(tiny_checkpoint), data=str(tiny_data_bin), out=str(root / "ds"), key_types=["att"],
+            tokens_per_sample=TPS, context_window=CW, max_tokens=256, device="cpu",
+        )
+    )
+    index = build_index(
+        IndexBuildConfig(datastore=str(store_path), out=str(root / "att.l2.flat"), factory="Flat", metric="l2",
+                         device="cpu")
+    )
+    return out, store_path, index
+
+
+def fairseq_eval_lm_ppl(checkpoint: Path, data: Path, split: str) -> float:
+    proc = run_module(
+        "fairseq_cli.eval_lm",
+        [str(data), "--user-dir", str(Path(knnlm.__file__).parent), "--path", str(checkpoint),
+         "--gen-subset", split, "--tokens-per-sample", str(TPS), "--context-window", str(CW),
+         "--max-tokens", "256", "--cpu", "--num-workers", "0"],
+    )
+    return float(re.search(r"Perplexity: ([0-9.]+)", proc.stdout + proc.stderr).group(1))
+
+
+def test_lm_perplexity_equals_fairseq_eval_lm(caches, tiny_checkpoint, tiny_data_bin):
+    dumped, _, _ = caches
+    ours = cache_lm_perplexity(dumped["valid"])
+    theirs = fairseq_eval_lm_ppl(tiny_checkpoint, tiny_data_bin, "valid")
+    assert ours == pytest.approx(theirs, rel=2e-4)  # fairseq prints 2 decimals
+
+
+def test_cache_holds_every_target_once(caches, tiny_data_bin):
+    dumped, _, _ = caches
+    cache = Cache(dumped["valid"])
+    from fairseq.data import Dictionary, data_utils
+
+    dictionary = Dictionary.load(str(tiny_data_bin / "dict.txt"))
+    dataset = data_utils.load_indexed_dataset(str(tiny_data_bin / "valid"), dictionary)
+    stream = np.concatenate([dataset[i].numpy() for i in range(len(dataset))])
+    np.testing.assert_array_equal(np.asarray(cache.targets), stream)
+    positions = np.load(Path(dumped["valid"]) / "positions.npy")
+    assert positions[0] == 0 and positions.max() == TPS - 1  # first window has no carried context
+
+
+def test_retrievals_match_brute_force(caches):
+    dumped, store_path, index = caches
+    store = Datastore.open(store_path)
+    k = 16
+    dump_retrieval(RetrievalConfig(cache=str(dumped["valid"]), datastore=str(store_path), index=str(index),
+                                   k_max=k, device="cpu"))
+    dump_retrieval(RetrievalConfig(cache=str(dumped["valid"]), datastore=str(store_path), similarity="l2",
+                                   k_max=k, device="cpu", batch=50))
+    cache = Cache(dumped["valid"])
+    queries = np.load(Path(dumped["valid"]) / "query_att.npy").astype(np.float64)
+    keys = np.asarray(store.keys, dtype=np.float64)
+    dist = ((queries[:, None, :] - keys[None, :, :]) ** 2).sum(-1)
+    want_scores = -np.sort(dist, axis=1)[:, :k]
+    for mask in ("faiss", "real"):
+        r = cache.find("att", "l2", mask, "faiss" if mask == "faiss" else "real")
+        np.testing.assert_allclose(np.asarray(r.scores), want_scores, rtol=1e-3, atol=1e-2)
+        ids = np.asarray(r.ids)
+        np.testing.assert_allclose(-dist[np.arange(len(ids))[:, None], ids], want_scores, rtol=1e-3, atol=1e-2)
+        np.testing.assert_array_equal(np.asarray(r.vals), np.asarray(store.vals)[ids])
+
+
+def test_scoring_reads_the_dumped_caches(caches):
+    dumped, store_path, index = caches
+    for split in ("valid", "test"):
+        dump_retrieval(RetrievalConfig(cache=str(dumped[split]), datastore=str(store_path), index=str(index),
+                                       k_max=32, device="cpu"))
+    line = score(Cache(dumped["valid"]), Cache(dumped["test"]),
+                 ScoreSetting(key_type="att", similarity="l2", k=32, temperature=1.0, lam="tune"))
+    metrics = line["metrics"]
+    assert metrics["lm_ppl"] == pytest.approx(cache_lm_perplexity(dumped["test"]), rel=1e-6)
+    assert metrics["interp_ppl"] <= metrics["lm_ppl"] * (1 + 1e-9)  # λ=0 is on the grid
+    assert metrics["oracle_ppl"] <= metrics["interp_ppl"]
+
+
+def test_retrieval_refuses_mismatched_inputs(caches, tmp_path):
+    dumped, store_path, index = caches
+    with pytest.raises(KnnlmError, match="--similarity"):
+        dump_retrieval(RetrievalConfig(cache=str(dumped["valid"]), datastore=str(store_path)))
+    with pytest.raises(KnnlmError, match="--real-score"):
+        dump_retrieval(RetrievalConfig(cache=str(dumped["valid"]), datastore=str(store_path), similarity="ip",
+                                       real_score=True))
