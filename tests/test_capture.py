@@ -16,7 +16,6 @@ from knnlm.models.capture import key_dim
 from .conftest import run_module
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def float64_models():
     """Recompute in float64 here, and leave the global default as it was for other modules."""
