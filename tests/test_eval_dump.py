@@ -115,3 +115,43 @@ def test_retrieval_refuses_mismatched_inputs(caches, tmp_path):
     with pytest.raises(KnnlmError, match="--real-score"):
         dump_retrieval(RetrievalConfig(cache=str(dumped["valid"]), datastore=str(store_path), similarity="ip",
                                        real_score=True))
+
+
+def fairseq_knnlm_ppl(checkpoint: Path, data: Path, store: Path, index: Path | None, extra: list[str]) -> float:
+    args = [str(data), "--user-dir", str(Path(knnlm.__file__).parent), "--path", str(checkpoint),
+            "--task", "knnlm_language_modeling", "--gen-subset", "test", "--tokens-per-sample", str(TPS),
+            "--context-window", str(CW), "--max-tokens", "256", "--cpu", "--num-workers", "0",
+            "--dstore-filename", str(store), "--knn-keytype", "att", *extra]
+    if index is not None:
+        args += ["--indexfile", str(index)]
+    proc = run_module("fairseq_cli.eval_lm", args)
+    return float(re.search(r"Perplexity: ([0-9.]+)", proc.stdout + proc.stderr).group(1))
+
+
+@pytest.mark.parametrize("lam,temperature", [(0.25, 1.0), (0.6, 3.0)])
+def test_one_pass_fairseq_task_equals_two_phase_path(caches, tiny_checkpoint, tiny_data_bin, lam, temperature):
+    dumped, store_path, index = caches
+    k = 8
+    dump_retrieval(RetrievalConfig(cache=str(dumped["test"]), datastore=str(store_path), index=str(index),
+                                   k_max=32, device="cpu"))
+    dump_retrieval(RetrievalConfig(cache=str(dumped["valid"]), datastore=str(store_path), index=str(index),
+                                   k_max=32, device="cpu"))
+    line = score(Cache(dumped["valid"]), Cache(dumped["test"]),
+                 ScoreSetting(key_type="att", similarity="l2", k=k, temperature=temperature, lam=lam))
+    one_pass = fairseq_knnlm_ppl(tiny_checkpoint, tiny_data_bin, store_path, index,
+                                 ["--k", str(k), "--lmbda", str(lam), "--knn-temp", str(temperature)])
+    assert one_pass == pytest.approx(line["metrics"]["interp_ppl"], rel=2e-4)
+
+
+def test_fairseq_task_exact_search_with_real_scores(caches, tiny_checkpoint, tiny_data_bin):
+    dumped, store_path, _ = caches
+    dump_retrieval(RetrievalConfig(cache=str(dumped["test"]), datastore=str(store_path), similarity="l2",
+                                   k_max=32, device="cpu"))
+    dump_retrieval(RetrievalConfig(cache=str(dumped["valid"]), datastore=str(store_path), similarity="l2",
+                                   k_max=32, device="cpu"))
+    line = score(Cache(dumped["valid"]), Cache(dumped["test"]),
+                 ScoreSetting(key_type="att", similarity="l2", k=16, temperature=1.0, lam=0.25,
+                              mask_source="real", score_source="real"))
+    one_pass = fairseq_knnlm_ppl(tiny_checkpoint, tiny_data_bin, store_path, None,
+                                 ["--k", "16", "--lmbda", "0.25", "--knn-similarity", "l2"])
+    assert one_pass == pytest.approx(line["metrics"]["interp_ppl"], rel=2e-4)
