@@ -83,16 +83,17 @@ def test_retrievals_match_brute_force(caches):
     dump_retrieval(RetrievalConfig(cache=str(dumped["valid"]), datastore=str(store_path), similarity="l2",
                                    k_max=k, device="cpu", batch=50))
     cache = Cache(dumped["valid"])
-    queries = np.load(Path(dumped["valid"]) / "query_att.npy").astype(np.float64)
+    rows = slice(0, 200)  # brute force on a few hundred queries keeps memory small
+    queries = np.load(Path(dumped["valid"]) / "query_att.npy")[rows].astype(np.float64)
     keys = np.asarray(store.keys, dtype=np.float64)
-    dist = ((queries[:, None, :] - keys[None, :, :]) ** 2).sum(-1)
+    dist = (queries**2).sum(1)[:, None] - 2 * queries @ keys.T + (keys**2).sum(1)[None, :]
     want_scores = -np.sort(dist, axis=1)[:, :k]
     for mask in ("faiss", "real"):
         r = cache.find("att", "l2", mask, "faiss" if mask == "faiss" else "real")
-        np.testing.assert_allclose(np.asarray(r.scores), want_scores, rtol=1e-3, atol=1e-2)
-        ids = np.asarray(r.ids)
+        np.testing.assert_allclose(np.asarray(r.scores)[rows], want_scores, rtol=1e-3, atol=1e-2)
+        ids = np.asarray(r.ids)[rows]
         np.testing.assert_allclose(-dist[np.arange(len(ids))[:, None], ids], want_scores, rtol=1e-3, atol=1e-2)
-        np.testing.assert_array_equal(np.asarray(r.vals), np.asarray(store.vals)[ids])
+        np.testing.assert_array_equal(np.asarray(r.vals)[rows], np.asarray(store.vals)[ids])
 
 
 def test_scoring_reads_the_dumped_caches(caches):

@@ -8,6 +8,7 @@ over seeds), write a module with a :class:`TableSpec` (``aggregate_over=("labels
 (or any function decorated with :func:`register`) and import it here.
 """
 
+from knnlm.report import ton2022 as _ton2022  # noqa: F401  (registers the tables and figure of Ton et al. 2022)
 from knnlm.report import xu2023  # noqa: F401  (registers the built-in tables and figures)
 from knnlm.report.figures import FigureSpec, Series, figure_renderer, render_figure
 from knnlm.report.lines import ResultLine, load_results, parse_line, pick, select

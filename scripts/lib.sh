@@ -1,0 +1,102 @@
+# shellcheck shell=bash
+# Shared by scripts/ton2022.sh and scripts/xu2023.sh (sourced, never run): preparing a corpus,
+# the training recipes, training one LM with the activation-L2 criterion (ω = 0 is plain
+# cross-entropy), reading its final training perplexity, and running the evaluation pipeline.
+# Sourcing defines functions and nothing else; paths are relative to the repository root.
+
+usage_error() {  # message: a bad command line (exit 2, like argparse)
+  echo "$(basename "$0"): $*" >&2
+  echo "Try '$0 --help'." >&2
+  exit 2
+}
+
+die() {  # message: a failure while running
+  echo "$(basename "$0"): error: $*" >&2
+  exit 1
+}
+
+step() { printf '\n== %s\n' "$*"; }
+
+abspath() {  # path: absolute, so that it survives the scripts' cd to the repository root
+  case $1 in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac
+}
+
+need_value() {  # option remaining-arg-count: the option must be followed by a value
+  [ "$2" -ge 2 ] || usage_error "$1 needs a value"
+}
+
+ensure_data() {  # folder corpus [knnlm prepare options...]: prepare data-bin/<name> unless it is complete
+  local folder=$1 corpus=$2
+  shift 2
+  [ -f "$folder/meta.json" ] && return 0
+  step "prepare $corpus -> $folder"
+  knnlm prepare "$corpus" --dest "$(dirname "$folder")" "$@"
+  [ -f "$folder/meta.json" ] || die "knnlm prepare did not produce $folder (check the --bpe/--vocab-size options)"
+}
+
+gpu_count() {  # GPUS if set, else the GPUs nvidia-smi lists (0 without a driver)
+  if [ -n "${GPUS:-}" ]; then echo "$GPUS"; return; fi
+  nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
+}
+
+baevski_auli_args() {  # arch max-update warmup per-gpu-batches: Baevski & Auli (2019)'s recipe, as in Khandelwal et al.
+  local arch=$1 max_update=$2 warmup=$3 batches=$4 gpus
+  gpus=$(gpu_count)
+  [ "$gpus" -ge 1 ] || die "the paper scale trains on GPUs and none was found (set GPUS=N to override)"
+  # update_freq keeps the paper's tokens per update whatever the number of GPUs (rounded up)
+  TRAIN_ARGS=(--arch "$arch" --tokens-per-sample 3072 --max-tokens 3072
+    --update-freq $(((batches + gpus - 1) / gpus))
+    --optimizer nag --lr 1.0 --min-lr 0.0001 --stop-min-lr 1e-09 --clip-norm 0.1
+    --lr-scheduler cosine --t-mult 2 --lr-shrink 0.75 --lr-period-updates $((max_update - warmup))
+    --warmup-updates "$warmup" --warmup-init-lr 1e-07 --max-update "$max_update"
+    --skip-invalid-size-inputs-valid-test --fp16)
+}
+
+set_train_args() {  # recipe: fills TRAIN_ARGS for small | wiki2 | wiki103
+  case $1 in
+    small)  # CPU-sized; EPOCHS (default 1) passes over WikiText-2
+      TRAIN_ARGS=(--arch knnlm_transformer_lm_small --tokens-per-sample 256 --max-tokens 4096
+        --optimizer adam --adam-betas '(0.9,0.98)' --clip-norm 0.1 --lr 0.001
+        --lr-scheduler inverse_sqrt --warmup-updates 500 --warmup-init-lr 1e-07
+        --max-epoch "${EPOCHS:-1}" --cpu --num-workers 0) ;;
+    wiki103)  # 286K updates of 8 GPUs x 3 x 3072 tokens (Baevski & Auli 2019; Khandelwal et al. 2020)
+      baevski_auli_args knnlm_transformer_lm_wiki103 286000 16000 24 ;;
+    wiki2)  # not given by Ton et al.: the same recipe, shortened to WikiText-2's size (3 x 3072 tokens
+            # per update, ~230 updates an epoch); checkpoint_best.pt (validation loss) guards against overfitting
+      baevski_auli_args knnlm_transformer_lm_wiki2 "${WIKI2_MAX_UPDATE:-20000}" "${WIKI2_WARMUP:-2000}" 3 ;;
+    *) die "unknown training recipe '$1'" ;;
+  esac
+}
+
+train_lm() {  # recipe data save-dir omega seed [fairseq-train options...]: train once, then reuse
+  local recipe=$1 data=$2 dir=$3 omega=$4 seed=$5
+  shift 5
+  if [ -f "$dir/train.done" ] && [ -f "$dir/checkpoint_best.pt" ]; then
+    echo "reusing $dir/checkpoint_best.pt (delete $dir/train.done to train again)"
+    return 0
+  fi
+  set_train_args "$recipe"
+  mkdir -p "$dir"
+  step "train $recipe, ω=$omega, seed $seed -> $dir (log: $dir/train.log)"
+  # an interrupted run resumes from checkpoint_last.pt (fairseq's own restart); the log is appended to
+  fairseq-train "$data" --user-dir "$PWD/knnlm" --task language_modeling --sample-break-mode none \
+    --criterion activation_l2 --activation-weight "$omega" --knn-key att --ddp-backend legacy_ddp \
+    --seed "$seed" --save-dir "$dir" --no-epoch-checkpoints --log-format simple --log-interval 100 \
+    "${TRAIN_ARGS[@]}" "$@" >> "$dir/train.log" 2>&1 \
+    || { tail -n 20 "$dir/train.log" >&2; die "fairseq-train failed; see $dir/train.log"; }
+  [ -f "$dir/checkpoint_best.pt" ] || die "no $dir/checkpoint_best.pt after training (validation disabled?)"
+  grep -F -e '| train |' -e '| valid |' "$dir/train.log" | tail -n 2 || true
+  touch "$dir/train.done"
+}
+
+train_ppl() {  # fairseq-log: ppl of the last end-of-epoch "| train |" line (2^loss with loss in bits), or nothing
+  [ -f "$1" ] || return 0
+  grep -F '| train |' "$1" | tail -n 1 | sed -n 's/.*| ppl \([0-9][0-9.e+]*\).*/\1/p'
+}
+
+run_pipeline() {  # checkpoint data out [VAR=VALUE...]: scripts/knnlm_pipeline.sh with these settings
+  local ckpt=$1 data=$2 out=$3
+  shift 3
+  step "evaluate $ckpt -> $out"
+  env "$@" CKPT="$ckpt" DATA="$data" OUT="$out" bash scripts/knnlm_pipeline.sh
+}

@@ -1,0 +1,302 @@
+"""Ton et al. (2022) in `knnlm report` and the scripts that reproduce it (ton2022.sh, xu2023.sh).
+
+The renderers run on synthetic result lines (2 ω × 2 seeds) whose means and sample standard
+deviations were worked out by hand. The scripts run with stub `fairseq-train`, `knnlm` and
+pipeline commands inside a copy of the scripts folder, which checks the command lines and the
+labels they produce without training anything.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from knnlm.report import RENDERERS, load_results, render_report
+
+from .test_report import PNG_MAGIC, result, write_lines
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "scripts"
+PARTS = ["ton2022_table", "ton2022_figure1"]
+
+# (ω, seed): train ppl, LM ppl, kNN-LM at tuned λ, tuned λ, kNN-LM at λ=0.3 (None: no λ=0.3 line)
+RUNS = {
+    (0, 1): (60.0, 76.0, 74.0, 0.25, 74.2),
+    (0, 2): (64.0, 77.0, 75.0, 0.35, 75.4),
+    (1, 1): (61.0, 76.2, 70.5, 0.30, None),
+    (1, 2): (61.0, 76.4, 70.9, 0.30, None),
+}
+
+
+def ton_lines(dataset: str = "wikitext-2") -> list[dict]:
+    """The lines `knnlm score` writes for these runs, plus lines the tables must not pick up."""
+    records = []
+    for (omega, seed), (train, lm, tuned, lam, fixed) in RUNS.items():
+        labels = {"omega": omega, "seed": seed, "train_ppl": train, "dataset": dataset, "cache": "full"}
+        knobs = {"split": "valid", "labels": labels, "checkpoint": f"sha256:{dataset}-{omega}-{seed}"}
+        records.append(result({"lm_ppl": lm, "interp_ppl": tuned, "lambda_used": lam}, **knobs))
+        if fixed is not None:
+            records.append(result({"lm_ppl": lm, "interp_ppl": fixed, "lambda_used": 0.3}, **knobs, **{"lambda": 0.3}))
+        # other λ, the test split and the ffn key: never in the table
+        records.append(result({"lm_ppl": lm, "interp_ppl": 1.0, "lambda_used": 0.25}, **knobs, **{"lambda": 0.25}))
+        records.append(result({"lm_ppl": 1.0, "interp_ppl": 1.0}, **{**knobs, "split": "test"}))
+        records.append(result({"lm_ppl": lm, "interp_ppl": 1.0}, key_type="ffn", **knobs))
+    return records
+
+
+def render(tmp_path: Path, records: list[dict], **where) -> dict:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    lines = load_results([write_lines(tmp_path / "results.jsonl", records)])
+    return {r.name: r for r in render_report(lines, tmp_path / "out", names=PARTS, where=where)}
+
+
+def test_table_shows_mean_std_over_seeds_and_reports_missing(tmp_path):
+    rendered = render(tmp_path, ton_lines())
+    table = rendered["ton2022_table"]
+    md = table.markdown
+    # ω=0: train 60, 64 -> 62.00 ± 2.83; LM 76, 77 -> 76.50 ± 0.71; λ=0.3: 74.2, 75.4 -> 74.80 ± 0.85;
+    # tuned: 74, 75 -> 74.50 ± 0.71 with λ 0.25, 0.35 -> 0.30 ± 0.07
+    assert (
+        "| 0 | 2 (1, 2) | 62.00 ± 2.83 (n=2) | 76.50 ± 0.71 (n=2) | 74.80 ± 0.85 (n=2) | 74.50 ± 0.71 (n=2) "
+        "| 0.30 ± 0.07 (n=2) |" in md
+    )
+    # ω=1: no λ=0.3 line for either seed -> "missing", never filled from another λ
+    assert "| 1 | 2 (1, 2) | 61.00 ± 0.00 (n=2) | 76.30 ± 0.14 (n=2) | missing | 70.70 ± 0.28 (n=2) |" in md
+    assert "| 0.1 | 0 | missing | missing | missing | missing | missing |" in md
+    assert "WIKI-2 (the paper's Table 1; labels.dataset=wikitext-2)" in md and "74.11 at ω=0 → 70.63 at ω=1" in md
+    assert table.missing == [
+        "ω=0.1: no line with labels.dataset=wikitext-2, labels.omega=0.1, lambda=tune or 0.3 (and the fixed knobs)",
+        "ω=1, kNN-LM λ=0.3: no line with labels.dataset=wikitext-2, labels.omega=1, lambda=0.3 (and the fixed knobs)",
+        "ω=10: no line with labels.dataset=wikitext-2, labels.omega=10, lambda=tune or 0.3 (and the fixed knobs)",
+    ]
+    assert (tmp_path / "out" / "ton2022_table.md").read_text() == md
+    assert "Fixed: split=valid, key_type=att, similarity=l2, mask_source=faiss" in md
+
+
+def test_a_seed_without_a_line_is_flagged_and_where_overrides(tmp_path):
+    records = [r for r in ton_lines() if not (r["knobs"]["labels"]["seed"] == 2 and r["knobs"]["lambda"] == 0.3)]
+    md = render(tmp_path, records)["ton2022_table"]
+    assert "| 74.20 (n=1) |" in md.markdown
+    assert "ω=0, kNN-LM λ=0.3: no line for seed(s) 2 (other columns have them)" in md.missing
+    one_seed = render(tmp_path / "w", ton_lines(), **{"labels.seed": 1, "labels.omega": [0, 1]})["ton2022_table"]
+    assert "| 0 | 1 (1) | 60.00 | 76.00 | 74.20 | 74.00 | 0.25 |" in one_seed.markdown
+    assert "| 0.1 |" not in one_seed.markdown and "labels.seed=1" in one_seed.markdown
+
+
+def test_lines_that_differ_in_an_unfixed_knob_are_ambiguous(tmp_path):
+    records = ton_lines()
+    records.append(
+        result(
+            {"interp_ppl": 50.0},
+            split="valid",
+            index={"factory": "Flat", "nprobe": 1},
+            labels={"omega": 0, "seed": 1, "dataset": "wikitext-2"},
+        )
+    )
+    table = render(tmp_path, records)["ton2022_table"]
+    assert (
+        "| 0 | 2 (1, 2) | 62.00 ± 2.83 (n=2) | 76.50 ± 0.71 (n=2) | 74.80 ± 0.85 (n=2) | ambiguous |" in table.markdown
+    )
+    assert any("ω=0, kNN-LM tuned λ: lines differ in index.factory, index.nprobe" in m for m in table.missing)
+
+
+def test_each_dataset_gets_its_own_table_and_figure(tmp_path):
+    rendered = render(tmp_path, ton_lines("wikitext-2") + ton_lines("wikitext-103"))
+    md = rendered["ton2022_table"].markdown
+    assert "#### WIKI-2 (the paper's Table 1" in md and "#### WIKI-103 (the paper's Table 2" in md
+    assert "16.09 at ω=0 → 15.89 at ω=1" in md
+    assert md.count("| 0 | 2 (1, 2) | 62.00 ± 2.83 (n=2) |") == 2
+    files = rendered["ton2022_figure1"].files
+    assert [f.name for f in files] == ["ton2022_figure1_wikitext-2.png", "ton2022_figure1_wikitext-103.png"]
+
+
+def test_figure_is_a_png_and_lists_what_it_lacks(tmp_path):
+    figure = render(tmp_path, ton_lines())["ton2022_figure1"]
+    (png,) = figure.files
+    data = png.read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 10_000
+    assert "](ton2022_figure1_wikitext-2.png)" in figure.markdown
+    assert figure.missing == [
+        "ω=0.1, 10: no lines (see ton2022_table)",
+        "kNN-LM, λ=0.3, ω=1: missing (see ton2022_table)",
+    ]
+
+
+def test_lines_without_omega_render_nothing_and_say_so(tmp_path):
+    rendered = render(tmp_path, [result(split="valid")])
+    assert rendered["ton2022_figure1"].files == []
+    for r in rendered.values():
+        assert len(r.missing) == 1 and r.missing[0].startswith("no result line with labels.omega matches")
+    assert set(PARTS) <= set(RENDERERS)
+
+
+# --- scripts -----------------------------------------------------------------------------------
+
+STUB_FAIRSEQ_TRAIN = """#!/usr/bin/env bash
+echo "fairseq-train $*" >> "$CALLS"
+while [ $# -gt 0 ]; do [ "$1" = --save-dir ] && dir=$2; shift; done
+touch "$dir/checkpoint_best.pt" "$dir/checkpoint_last.pt"
+echo "2024-01-01 00:00:00 | INFO | train_inner | epoch 001:    100 / 200 loss=9.1, ppl=548.2"
+echo "2024-01-01 00:00:01 | INFO | train | epoch 001 | loss 7.438 | nll_loss 7.438 | ppl 173.42 | wps 5000"
+echo "2024-01-01 00:00:02 | INFO | valid | epoch 001 | valid on 'valid' subset | loss 7.6 | ppl 194.01"
+"""
+
+STUB_KNNLM = """#!/usr/bin/env bash
+echo "knnlm $*" >> "$CALLS"
+case "$1 $2" in
+  "prepare "*) mkdir -p "$4/$2" && touch "$4/$2/meta.json" "$4/$2/dict.txt" ;;
+  "report --list") printf 'ton2022_table table T\\nxu2023_table1 table X\\nxu2023_figure5 figure F\\n' ;;
+esac
+"""
+
+STUB_PIPELINE = """#!/usr/bin/env bash
+echo "pipeline CKPT=$CKPT DATA=$DATA OUT=$OUT KEY_TYPES=$KEY_TYPES METRICS=$METRICS TPS=$TPS \
+EVAL_LIMIT=${EVAL_LIMIT-unset} EXACT_LIMIT=$EXACT_LIMIT FACTORY=${FACTORY-unset} SCORE_ARGS=$SCORE_ARGS" >> "$CALLS"
+mkdir -p "$OUT" && echo "{\\"run\\": \\"$OUT\\"}" > "$OUT/results.jsonl"
+"""
+
+
+def _executable(path: Path, text: str) -> None:
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+
+
+@pytest.fixture
+def sandbox(tmp_path) -> Path:
+    """A repository-shaped folder: the real scripts, a stub pipeline, and stub commands first on PATH."""
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    for name in ("ton2022.sh", "xu2023.sh", "lib.sh"):
+        shutil.copy(SCRIPTS / name, repo / "scripts" / name)
+    _executable(repo / "scripts" / "knnlm_pipeline.sh", STUB_PIPELINE)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _executable(bin_dir / "fairseq-train", STUB_FAIRSEQ_TRAIN)
+    _executable(bin_dir / "knnlm", STUB_KNNLM)
+    return repo
+
+
+def run_script(repo: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    calls = repo.parent / "calls.log"
+    environ = {**os.environ, "PATH": f"{repo.parent / 'bin'}:{os.environ['PATH']}", "CALLS": str(calls), **env}
+    for name in {"EVAL_LIMIT", "EXACT_LIMIT", "GPUS", "EPOCHS", "FACTORY"} - set(env):
+        environ.pop(name, None)  # the caller's settings must not leak into the checked command lines
+    return subprocess.run(["bash", *args], cwd=repo.parent, env=environ, capture_output=True, text=True, timeout=60)
+
+
+def calls(repo: Path) -> list[str]:
+    path = repo.parent / "calls.log"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+@pytest.mark.parametrize("script", ["ton2022.sh", "xu2023.sh", "lib.sh"])
+def test_scripts_parse(script):
+    subprocess.run(["bash", "-n", str(SCRIPTS / script)], check=True)
+
+
+@pytest.mark.parametrize("script", ["ton2022.sh", "xu2023.sh"])
+def test_help_prints_usage_and_runs_nothing(sandbox, script):
+    before = sorted(p.name for p in sandbox.parent.rglob("*"))
+    proc = run_script(sandbox, f"repo/scripts/{script}", "--help")
+    assert proc.returncode == 0 and proc.stdout.startswith(f"Usage: scripts/{script} --scale small|paper")
+    assert calls(sandbox) == [] and sorted(p.name for p in sandbox.parent.rglob("*")) == before
+    bad = run_script(sandbox, f"repo/scripts/{script}", "--scale", "huge")
+    assert bad.returncode == 2 and "--scale must be small or paper" in bad.stderr and calls(sandbox) == []
+    assert run_script(sandbox, f"repo/scripts/{script}").returncode == 2
+
+
+def test_ton2022_small_trains_each_omega_once_and_labels_its_results(sandbox):
+    proc = run_script(sandbox, "repo/scripts/ton2022.sh", "--scale", "small", "--omegas", "0 0.1", "--seeds", "1")
+    assert proc.returncode == 0, proc.stderr
+    log = calls(sandbox)
+    assert log[0] == "knnlm prepare wikitext-2 --dest data-bin"
+    trains = [c for c in log if c.startswith("fairseq-train")]
+    assert len(trains) == 2 and "--activation-weight 0.1 --knn-key att" in trains[1]
+    for flag in ("--arch knnlm_transformer_lm_small", "--ddp-backend legacy_ddp", "--max-epoch 1", "--cpu"):
+        assert flag in trains[0]
+    pipelines = [c for c in log if c.startswith("pipeline")]
+    assert pipelines[1] == (
+        "pipeline CKPT=checkpoints/ton2022-small/wikitext-2/w0.1-s1/checkpoint_best.pt DATA=data-bin/wikitext-2 "
+        "OUT=runs/ton2022-small/wikitext-2/w0.1-s1 KEY_TYPES=att METRICS=l2 TPS=256 EVAL_LIMIT=50000 EXACT_LIMIT=0 "
+        "FACTORY=unset SCORE_ARGS=--label omega=0.1 --label seed=1 --label dataset=wikitext-2 --label train_ppl=173.42"
+    )
+    out = sandbox / "results" / "ton2022-small"
+    assert log[-1] == f"knnlm report {out}/results.jsonl --out {out} --only ton2022_table,ton2022_figure1"
+    assert len((out / "results.jsonl").read_text().splitlines()) == 2
+    # a second run reuses the trained models; xu2023 small reuses the ω=0 one
+    assert run_script(sandbox, "repo/scripts/ton2022.sh", "--scale", "small", "--omegas", "0").returncode == 0
+    assert run_script(sandbox, "repo/scripts/xu2023.sh", "--scale", "small").returncode == 0
+    log = calls(sandbox)
+    assert len([c for c in log if c.startswith("fairseq-train")]) == 2
+    assert (
+        "pipeline CKPT=checkpoints/ton2022-small/wikitext-2/w0-s1/checkpoint_best.pt DATA=data-bin/wikitext-2 "
+        "OUT=runs/xu2023-small KEY_TYPES=att,ffn METRICS=l2,ip TPS=256 EVAL_LIMIT=50000 EXACT_LIMIT=4000 "
+        "FACTORY=unset SCORE_ARGS=--label dataset=wikitext-2"
+    ) in log
+    out = sandbox / "results" / "xu2023-small"
+    assert log[-1] == f"knnlm report runs/xu2023-small/results.jsonl --out {out} --only xu2023_table1,xu2023_figure5"
+
+
+def test_ton2022_paper_uses_the_wiki103_recipe(sandbox):
+    args = (
+        "repo/scripts/ton2022.sh",
+        "--scale",
+        "paper",
+        "--datasets",
+        "wikitext-103",
+        "--omegas",
+        "1",
+        "--seeds",
+        "2",
+    )
+    assert "none was found" in run_script(sandbox, *args, GPUS="0").stderr
+    proc = run_script(sandbox, *args, GPUS="2")
+    assert proc.returncode == 0, proc.stderr
+    (train,) = [c for c in calls(sandbox) if c.startswith("fairseq-train")]
+    for flag in (
+        "--arch knnlm_transformer_lm_wiki103",
+        "--tokens-per-sample 3072 --max-tokens 3072 --update-freq 12",
+        "--optimizer nag --lr 1.0",
+        "--lr-scheduler cosine",
+        "--lr-period-updates 270000 --warmup-updates 16000",
+        "--max-update 286000",
+        "--fp16",
+        "--activation-weight 1 --knn-key att --ddp-backend legacy_ddp --seed 2",
+    ):
+        assert flag in train
+    (pipeline,) = [c for c in calls(sandbox) if c.startswith("pipeline")]
+    assert "TPS=3072 EVAL_LIMIT= EXACT_LIMIT=0 FACTORY=IVF4096,PQ64" in pipeline
+    assert "--label dataset=wikitext-103" in pipeline
+
+
+def test_train_ppl_reads_the_last_epoch_line(tmp_path):
+    log = tmp_path / "train.log"
+    log.write_text(
+        "x | INFO | train_inner | epoch 001:  100 / 200 loss=9.1, ppl=548.2\n"
+        "x | INFO | train | epoch 001 | loss 7.4 | ppl 173.42 | wps 5000\n"
+        "x | INFO | valid | epoch 001 | valid on 'valid' subset | loss 7.6 | ppl 194.01\n"
+        "x | INFO | train | epoch 002 | loss 6.9 | ppl 119.4 | wps 5100\n"
+    )
+    lib = SCRIPTS / "lib.sh"
+    read = f"source {lib}; train_ppl {log}; train_ppl {tmp_path / 'absent.log'}"
+    proc = subprocess.run(["bash", "-c", read], capture_output=True, text=True, check=True)
+    assert proc.stdout == "119.4\n"
+
+
+def test_a_retrained_seed_replaces_the_earlier_one(tmp_path):
+    """Seed 1 of ω=0 retrained (new checkpoint, new numbers): the line read last counts, once."""
+    rerun = result(
+        {"lm_ppl": 78.0, "interp_ppl": 76.0, "lambda_used": 0.35},
+        split="valid",
+        checkpoint="sha256:retrained",
+        labels={"omega": 0, "seed": 1, "train_ppl": 64.0, "dataset": "wikitext-2", "cache": "full"},
+    )
+    md = render(tmp_path, [*ton_lines(), rerun])["ton2022_table"].markdown
+    # tuned: 76, 75 -> 75.50 ± 0.71; LM: 78, 77 -> 77.50 ± 0.71; train ppl 64, 64
+    assert "| 0 | 2 (1, 2) | 64.00 ± 0.00 (n=2) | 77.50 ± 0.71 (n=2) |" in md
+    assert "| 75.50 ± 0.71 (n=2) | 0.35 ± 0.00 (n=2) |" in md
