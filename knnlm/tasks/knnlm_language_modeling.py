@@ -167,4 +167,5 @@ class KnnLanguageModelingTask(LanguageModelingTask):
 
     def build_model(self, cfg, from_checkpoint=False):
         lm = super().build_model(cfg, from_checkpoint)
-        return KnnInterpolatedLM(lm, KnnRetriever(self.cfg), self.cfg)
+        options = self.args  # LanguageModelingTask is a legacy task: its options live in .args
+        return KnnInterpolatedLM(lm, KnnRetriever(options), options)
