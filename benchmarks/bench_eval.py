@@ -1,0 +1,205 @@
+"""Evaluation throughput: the dump vs ``fairseq-eval-lm``, and the one-pass task vs the two-phase path.
+
+    .venv/bin/python benchmarks/bench_eval.py [--reps 3] [--threads 1] [--k 1024]
+        [--workdir /tmp/knnlm-bench/eval] [--out benchmarks/results/eval]
+
+Set-up (cached in ``--workdir``): the bundled demo corpus (``knnlm prepare demo``),
+a ``knnlm_transformer_lm_tiny`` checkpoint trained for 2 updates (throughput does not
+depend on training), its ``att`` datastore over the demo train split (~304K keys) and
+an ``auto`` FAISS L2 index over it. Each repetition runs, in fresh processes and in a
+rotating order, on the demo ``valid`` split (~32K tokens) with the same
+``--tokens-per-sample 128 --context-window 64``:
+
+* ``eval_lm``: ``fairseq_cli.eval_lm.main`` (the plain LM);
+* ``dump``: ``knnlm.evaluation.dump.dump_lm`` (LM log-probs, att/ffn queries, positions);
+* ``one_pass``: ``fairseq_cli.eval_lm.main`` with ``--task knnlm_language_modeling`` (k, λ=0.25);
+* ``two_phase``: ``dump_lm`` + ``dump_retrieval`` (same index, k) + ``score`` of that one setting.
+
+Each worker times its own call (imports excluded) and reports tokens/s; ratios are
+medians over repetitions of per-repetition ratios, with min and max. The two-phase
+path pays once for what every further setting reuses: its *score* time alone is
+reported too (the marginal cost of one more setting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+USER_DIR = ROOT / "knnlm"
+TPS, CW = 128, 64
+MODES = ("eval_lm", "dump", "one_pass", "two_phase")
+
+
+def _eval_lm_args(work: Path, extra: list[str]) -> list[str]:
+    return [
+        str(work / "data-bin" / "demo"), "--user-dir", str(USER_DIR),
+        "--path", str(work / "ckpt" / "checkpoint_last.pt"),
+        "--gen-subset", "valid", "--tokens-per-sample", str(TPS), "--context-window", str(CW),
+        "--max-tokens", "4096", "--cpu", "--num-workers", "0", *extra,
+    ]
+
+
+def _run_eval_lm(args: list[str]) -> float:
+    from fairseq import options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq_cli import eval_lm
+
+    parser = options.get_eval_lm_parser()
+    cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(parser, args))
+    t0 = time.perf_counter()
+    eval_lm.main(cfg)
+    return time.perf_counter() - t0
+
+
+def worker(mode: str, work: Path, k: int, scratch: Path) -> dict[str, float]:
+    """One timed run of ``mode`` in this process; returns seconds (and the score-only time)."""
+    import knnlm  # noqa: F401
+    from knnlm.evaluation.cache import Cache
+    from knnlm.evaluation.dump import LMDumpConfig, RetrievalConfig, dump_lm, dump_retrieval
+    from knnlm.evaluation.score import ScoreSetting, score
+
+    store, index = work / "ds" / "att", work / "att.l2.faiss"
+    dump_cfg = LMDumpConfig(checkpoint=str(work / "ckpt" / "checkpoint_last.pt"), data=str(work / "data-bin" / "demo"),
+                            out=str(scratch / "valid"), split="valid", tokens_per_sample=TPS, context_window=CW,
+                            max_tokens=4096, device="cpu")
+    if mode == "eval_lm":
+        return {"seconds": _run_eval_lm(_eval_lm_args(work, []))}
+    if mode == "one_pass":
+        knn = ["--task", "knnlm_language_modeling", "--dstore-filename", str(store), "--indexfile", str(index),
+               "--k", str(k), "--lmbda", "0.25", "--knn-keytype", "att"]
+        return {"seconds": _run_eval_lm(_eval_lm_args(work, knn))}
+    t0 = time.perf_counter()
+    dump_lm(dump_cfg)
+    if mode == "dump":
+        return {"seconds": time.perf_counter() - t0}
+    dump_retrieval(RetrievalConfig(cache=dump_cfg.out, datastore=str(store), index=str(index), k_max=k, device="cpu"))
+    t1 = time.perf_counter()
+    cache = Cache(dump_cfg.out)
+    score(cache, None, ScoreSetting(key_type="att", similarity="l2", k=k, temperature=1.0, lam=0.25, split="valid"))
+    t2 = time.perf_counter()
+    return {"seconds": t2 - t0, "score_seconds": t2 - t1}
+
+
+def setup(work: Path) -> int:
+    """Data, checkpoint, datastore and index, built once; returns the number of valid tokens."""
+    import knnlm  # noqa: F401
+    from knnlm.data import prepare_demo
+    from knnlm.datastore import DatastoreBuildConfig, IndexBuildConfig, build_datastore, build_index
+
+    work.mkdir(parents=True, exist_ok=True)
+    if not (work / "data-bin" / "demo" / "meta.json").exists():
+        prepare_demo(work / "data-bin")
+    if not (work / "ckpt" / "checkpoint_last.pt").exists():
+        subprocess.run(
+            [sys.executable, "-m", "fairseq_cli.train", str(work / "data-bin" / "demo"), "--user-dir", str(USER_DIR),
+             "--task", "language_modeling", "--arch", "knnlm_transformer_lm_tiny", "--tokens-per-sample", str(TPS),
+             "--max-tokens", "2048", "--optimizer", "adam", "--lr", "0.001", "--max-update", "2",
+             "--save-dir", str(work / "ckpt"), "--no-epoch-checkpoints", "--disable-validation", "--cpu",
+             "--num-workers", "0"],
+            check=True, capture_output=True,
+        )
+    build_datastore(DatastoreBuildConfig(checkpoint=str(work / "ckpt" / "checkpoint_last.pt"),
+                                         data=str(work / "data-bin" / "demo"), out=str(work / "ds"),
+                                         key_types=["att"], tokens_per_sample=TPS, context_window=CW, device="cpu"))
+    if not (work / "att.l2.faiss.meta.json").exists():
+        build_index(IndexBuildConfig(datastore=str(work / "ds" / "att"), out=str(work / "att.l2.faiss"),
+                                     factory="auto", metric="l2", train_size=100_000, device="cpu"))
+    meta = json.loads((work / "data-bin" / "demo" / "meta.json").read_text())
+    return int(meta["splits"]["valid"]["tokens"])
+
+
+def _spawn(mode: str, args: argparse.Namespace, rep: int) -> dict[str, float]:
+    scratch = Path(args.workdir) / "scratch" / f"{mode}-{rep}"
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", mode, "--workdir", args.workdir, "--k", str(args.k),
+         "--scratch", str(scratch)],
+        capture_output=True, text=True, env=env,
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"worker {mode} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _ratio(num: list[float], den: list[float]) -> dict[str, float]:
+    ratios = [a / b for a, b in zip(num, den, strict=True)]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--k", type=int, default=1024)
+    parser.add_argument("--workdir", default="/tmp/knnlm-bench/eval")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "eval"))
+    parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--scratch", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        import shutil
+
+        shutil.rmtree(args.scratch, ignore_errors=True)
+        print(json.dumps(worker(args.worker, Path(args.workdir), args.k, Path(args.scratch))))
+        return
+    n_tokens = setup(Path(args.workdir))
+    times: dict[str, list[float]] = {m: [] for m in MODES}
+    score_only: list[float] = []
+    for rep in range(args.reps):
+        for i in range(len(MODES)):
+            mode = MODES[(i + rep) % len(MODES)]
+            result = _spawn(mode, args, rep)
+            times[mode].append(result["seconds"])
+            if "score_seconds" in result:
+                score_only.append(result["score_seconds"])
+    tps = {m: [n_tokens / s for s in times[m]] for m in MODES}
+    results: dict[str, Any] = {
+        "command": " ".join([Path(sys.executable).name, "benchmarks/bench_eval.py", *sys.argv[1:]]),
+        "date": time.strftime("%Y-%m-%d"),
+        "device": "cpu",
+        "threads": args.threads,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "split_tokens": n_tokens,
+        "k": args.k,
+        "tokens_per_second": {m: statistics.median(v) for m, v in tps.items()},
+        "dump_vs_eval_lm": _ratio(tps["dump"], tps["eval_lm"]),
+        "one_pass_vs_two_phase": _ratio(tps["one_pass"], tps["two_phase"]),
+        "score_one_setting_seconds": statistics.median(score_only),
+        "seconds": times,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    d, o = results["dump_vs_eval_lm"], results["one_pass_vs_two_phase"]
+    table = [
+        f"# Evaluation throughput ({results['date']}, {results['machine']}, {args.threads} thread(s), CPU)",
+        "",
+        f"`{results['command']}`: demo valid split ({n_tokens:,} tokens), tiny model, k={args.k}, "
+        f"{args.reps} repetitions in rotating order, fresh processes, imports excluded.",
+        "",
+        "| path | tokens/s (median) |",
+        "|---|---:|",
+        *(f"| {m} | {results['tokens_per_second'][m]:,.0f} |" for m in MODES),
+        "",
+        f"- dump / fairseq-eval-lm: **{d['median']:.2f}** (min {d['min']:.2f}, max {d['max']:.2f})",
+        f"- one-pass task / two-phase path (dump + retrieve + score one setting): **{o['median']:.2f}** "
+        f"(min {o['min']:.2f}, max {o['max']:.2f})",
+        f"- scoring one more setting from the cache: {results['score_one_setting_seconds']:.2f} s",
+        "",
+    ]
+    out.with_suffix(".md").write_text("\n".join(table))
+    print("\n".join(table))
+
+
+if __name__ == "__main__":
+    main()
