@@ -49,6 +49,9 @@ def _queries(queries: np.ndarray, dim: int) -> np.ndarray:
     return queries
 
 
+_RESCORE_ELEMENTS = 1 << 23  # gathered key values per re-scoring step (32 MiB of fp32)
+
+
 def exact_topk(
     queries: np.ndarray,
     datastore: Any,
@@ -79,7 +82,14 @@ def exact_topk(
         q = torch.as_tensor(np.ascontiguousarray(queries[q0 : q0 + query_batch]), dtype=torch.float32).to(dev)
         best, best_ids = _scan(q, keys, k, similarity, dev, chunk_size)
         if similarity == "l2":
-            best = _exact_scores(q, keys, best_ids, "l2", dev)
+            # exact −‖q−k‖² of the winners, a few queries at a time: a [rows·k, D] gather stays small
+            rows = max(1, _RESCORE_ELEMENTS // (k * dim))
+            best = torch.cat(
+                [
+                    _exact_scores(q[r : r + rows], keys, best_ids[r : r + rows], "l2", dev)
+                    for r in range(0, len(q), rows)
+                ]
+            )
             best, order = torch.sort(best, dim=1, descending=True)
             best_ids = torch.gather(best_ids, 1, order)
         out_scores[q0 : q0 + len(q)] = best.cpu().numpy()
