@@ -90,3 +90,15 @@ def train_tiny(data_bin: Path, save_dir: Path, extra: list[str] = ()) -> Path:
 def tiny_checkpoint(tiny_data_bin, tmp_path_factory) -> Path:
     """A `knnlm_transformer_lm_tiny` checkpoint trained for a few updates on `tiny_data_bin`."""
     return train_tiny(tiny_data_bin, tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture(autouse=True)
+def restore_hydra_version_base():
+    """Hydra's version base is process-global: a test composing with version_base="1.3" would make
+    fairseq's in-process config conversion (hydra.experimental.initialize) refuse in later tests."""
+    from hydra.version import VersionBase
+
+    base = VersionBase.instance()
+    previous = base.getbase()  # may be hydra's "unspecified" sentinel, which setbase() refuses
+    yield
+    base.version_base = previous
