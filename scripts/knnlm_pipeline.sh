@@ -96,6 +96,11 @@ rm -f "$RESULTS"
       --score-source faiss,real --subsample-ratio 0.05,0.1,0.2,0.5,1 --skip-missing --label cache=exact $SCORE_ARGS
   fi
 } 2>&1 | grep -v "^INFO\|faiss.loader" || true
-knnlm report "$RESULTS" --out "$OUT/report" 2>&1 | grep -v "^INFO\|faiss.loader" || true
+# the full caches (Table 1, Figure 5) and the exact-neighbour caches (Table 3, Figures 2/4, 5) are
+# different token sets: one report each
+knnlm report "$RESULTS" --out "$OUT/report" --where labels.cache=full > /dev/null
+if [ "$EXACT_LIMIT" != 0 ]; then
+  knnlm report "$RESULTS" --out "$OUT/report-exact" --where labels.cache=exact > /dev/null
+fi
 du -sh "$OUT"/datastore/* "$OUT"/index/* 2>/dev/null > "$OUT/sizes.txt" || true
-echo "results: $RESULTS, report: $OUT/report, timings: $TIMINGS, sizes: $OUT/sizes.txt"
+echo "results: $RESULTS, reports: $OUT/report*, timings: $TIMINGS, sizes: $OUT/sizes.txt"

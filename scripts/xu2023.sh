@@ -91,5 +91,9 @@ run_pipeline "$CHECKPOINT" "$DATA" "$RUN_DIR" KEY_TYPES=att,ffn METRICS=l2,ip "$
 step "report -> $OUT_DIR"
 parts=$(knnlm report --list | awk '$1 ~ /^xu2023_/ { print $1 }' | paste -sd, -)
 [ -n "$parts" ] || die "knnlm report --list shows no xu2023_* part"
-knnlm report "$RUN_DIR/results.jsonl" --out "$OUT_DIR" --only "$parts"
-echo "report: $OUT_DIR/report.md"
+# the full caches and the exact-neighbour caches hold different tokens: one report each
+knnlm report "$RUN_DIR/results.jsonl" --out "$OUT_DIR" --only "$parts" --where labels.cache=full
+if grep -q '"cache": "exact"' "$RUN_DIR/results.jsonl"; then
+  knnlm report "$RUN_DIR/results.jsonl" --out "$OUT_DIR/exact" --only "$parts" --where labels.cache=exact
+fi
+echo "report: $OUT_DIR/report.md (and $OUT_DIR/exact/ for FAISS vs exact neighbours)"

@@ -239,7 +239,10 @@ def test_ton2022_small_trains_each_omega_once_and_labels_its_results(sandbox):
         "FACTORY=unset SCORE_ARGS=--label dataset=wikitext-2"
     ) in log
     out = sandbox / "results" / "xu2023-small"
-    assert log[-1] == f"knnlm report runs/xu2023-small/results.jsonl --out {out} --only xu2023_table1,xu2023_figure5"
+    assert log[-1] == (
+        f"knnlm report runs/xu2023-small/results.jsonl --out {out} --only xu2023_table1,xu2023_figure5 "
+        "--where labels.cache=full"
+    )
 
 
 def test_ton2022_paper_uses_the_wiki103_recipe(sandbox):
