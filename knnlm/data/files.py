@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from knnlm.errors import KnnlmError
+from knnlm.io import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -68,22 +68,8 @@ def text_stats(path: Path) -> TextStats:
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
-    """Write JSON to a temporary file in the same folder, then ``os.replace`` it onto ``path``.
-
-    Readers therefore see either no file or a complete one, never a half-written one.
-    """
-    tmp = _unique_sibling(path, "tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
+    """Write JSON atomically, keys in the order given: readers see no file or a complete one."""
+    write_json_atomic(path, data, sort_keys=False)
 
 
 def _unique_sibling(path: Path, kind: str) -> Path:

@@ -37,12 +37,12 @@ from knnlm.datastore.meta import (
     read_json,
     sha256_files,
     utc_now,
-    write_json_atomic,
 )
 from knnlm.datastore.sampling import sample_sorted
 from knnlm.datastore.similarity import Similarity, check_similarity, faiss_distances_to_scores
 from knnlm.datastore.store import Datastore
 from knnlm.errors import KnnlmError
+from knnlm.io import write_json_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -30,9 +30,9 @@ from knnlm.datastore.meta import (
     fingerprint,
     read_json,
     utc_now,
-    write_json_atomic,
 )
 from knnlm.errors import KnnlmError
+from knnlm.io import write_json_atomic
 
 KEYS_FILE = "keys.npy"
 VALS_FILE = "vals.npy"

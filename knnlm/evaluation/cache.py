@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from knnlm.errors import KnnlmError
+from knnlm.io import write_json_atomic as _write_json_atomic
 
 CACHE_FORMAT = "knnlm-cache"
 CACHE_FORMAT_VERSION = 1
@@ -119,17 +119,8 @@ def default_retrieval_name(key_type: str, similarity: str, mask_source: str, sco
 
 
 def write_json_atomic(path: Path, obj: Mapping[str, Any]) -> None:
-    """Write JSON to a temp file in the same folder, then rename: readers never see half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Strict JSON (no NaN/inf), written atomically: readers never see half a file."""
+    _write_json_atomic(path, obj, allow_nan=False)
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
