@@ -25,3 +25,22 @@ def test_fairseq_train_then_load(tiny_checkpoint, tiny_data_bin):
     assert extra["att"].shape == (2, 10, 64) and extra["ffn"].shape == (2, 10, 64)
     state = torch.load(tiny_checkpoint, map_location="cpu", weights_only=False)
     assert state["optimizer_history"][-1]["num_updates"] == 6
+
+
+def test_checkpoints_load_after_a_hydra_app_set_a_new_version_base(tiny_checkpoint, tiny_data_bin):
+    """Our hydra apps set version_base; fairseq's conversion of old (args-style) checkpoints must still work."""
+    from argparse import Namespace
+
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from hydra.version import setbase
+
+    from knnlm.datastore.build import load_language_model
+    from knnlm.models.loading import fairseq_hydra_compat
+
+    setbase("1.3")  # what @hydra.main(version_base="1.3") does (the conftest fixture restores it)
+    with fairseq_hydra_compat():
+        cfg = convert_namespace_to_omegaconf(Namespace(task="language_modeling", arch="knnlm_transformer_lm_tiny",
+                                                       data=str(tiny_data_bin), _name=None))
+    assert cfg.task._name == "language_modeling"
+    model, _ = load_language_model(tiny_checkpoint, tiny_data_bin)
+    assert isinstance(model, KnnTransformerLanguageModel)

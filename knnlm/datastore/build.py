@@ -39,6 +39,7 @@ from knnlm.datastore.store import (
 )
 from knnlm.errors import KnnlmError
 from knnlm.models.capture import KEY_TYPES, KeyCapture, key_dim
+from knnlm.models.loading import fairseq_hydra_compat
 
 logger = logging.getLogger(__name__)
 
@@ -90,9 +91,10 @@ def load_language_model(checkpoint: str | os.PathLike, data: str | os.PathLike) 
         raise KnnlmError(f"checkpoint {checkpoint} does not exist; pass --checkpoint PATH/checkpoint_best.pt")
     if not (data / "dict.txt").is_file():
         raise KnnlmError(f"{data / 'dict.txt'} is missing; --data must be a fairseq data-bin folder")
-    models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task(
-        [str(checkpoint)], arg_overrides={"data": str(data)}
-    )
+    with fairseq_hydra_compat():
+        models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task(
+            [str(checkpoint)], arg_overrides={"data": str(data)}
+        )
     return models[0], task
 
 
