@@ -25,7 +25,7 @@ import torch
 from omegaconf import MISSING
 from tqdm import tqdm
 
-from knnlm.datastore.contexts import ContextPlan, TokenStream
+from knnlm.datastore.contexts import ContextPlan, TokenStream, batch_inputs
 from knnlm.datastore.meta import dictionary_fingerprint, sha256_files
 from knnlm.datastore.sampling import sample_sorted, subsample_count
 from knnlm.datastore.store import (
@@ -326,15 +326,9 @@ def _batch(
     device: torch.device,
 ) -> tuple[int, int, np.ndarray, dict[str, np.ndarray]]:
     """Forward batch ``b``; returns (rows, first row, vals, {key_type: fp16 keys}) of its kept targets."""
-    windows = [plan.window(w) for w in plan.batch_windows(b)]
-    width = max(e - a for a, _s, e in windows)
-    tokens = np.full((len(windows), width), pad, dtype=np.int64)
-    gather = []
-    for i, (a, s, e) in enumerate(windows):
-        tokens[i, : e - a] = stream.sources(a, e)
-        gather.append(i * width + (s - a) + np.arange(e - s))
-    flat = np.concatenate(gather)
-    s_b, e_b = windows[0][1], windows[-1][2]
+    tokens, rows, cols = batch_inputs(plan, stream, b, pad)
+    flat = rows * tokens.shape[1] + cols
+    s_b, e_b = plan.batch_targets(b)
     vals = stream.targets(s_b, e_b)
     if positions is None:
         row0 = s_b - first_pos

@@ -140,3 +140,22 @@ class TokenStream:
         if a == 0:
             return np.concatenate([[self.eos], self.targets(0, max(e - 1, 0))]).astype(np.int64)
         return self.targets(a - 1, e - 1)
+
+
+def batch_inputs(plan: ContextPlan, stream: TokenStream, b: int, pad: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Model input of batch ``b`` and where its targets sit in it.
+
+    Returns ``(tokens [windows, width] padded with pad, rows, cols)``: target
+    ``stream[s_b + i]`` is predicted at ``tokens[rows[i], cols[i]]``, for the batch's
+    target range ``plan.batch_targets(b) = (s_b, e_b)``, in stream order. ``cols`` is
+    also the number of tokens of context before each target in its window.
+    """
+    windows = [plan.window(w) for w in plan.batch_windows(b)]
+    width = max(e - a for a, _s, e in windows)
+    tokens = np.full((len(windows), width), pad, dtype=np.int64)
+    rows, cols = [], []
+    for i, (a, s, e) in enumerate(windows):
+        tokens[i, : e - a] = stream.sources(a, e)
+        rows.append(np.full(e - s, i))
+        cols.append((s - a) + np.arange(e - s))
+    return tokens, np.concatenate(rows), np.concatenate(cols)

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from knnlm.datastore import Datastore, KnnIndex, exact_topk, rescore
 from knnlm.datastore.build import load_language_model, load_split, resolve_device
-from knnlm.datastore.contexts import ContextPlan
+from knnlm.datastore.contexts import ContextPlan, batch_inputs
 from knnlm.datastore.meta import dictionary_fingerprint, sha256_files
 from knnlm.errors import KnnlmError
 from knnlm.evaluation.cache import (
@@ -130,7 +130,7 @@ def dump_lm(cfg: LMDumpConfig) -> Path:
             chunk1 = min(chunk0 + cfg.chunk_batches, plan.num_batches)
             for b in range(chunk0, chunk1):
                 s, e = plan.batch_targets(b)
-                _lm_batch(model, capture, plan, stream, b, dictionary.pad(), device, arrays, s)
+                _lm_batch(model, capture, plan, stream, b, dictionary.pad(), device, arrays)
                 bar.update(e - s)
             for arr in arrays.values():
                 arr.flush()
@@ -178,19 +178,10 @@ def _lm_batch(
     pad: int,
     device: torch.device,
     arrays: dict[str, np.memmap],
-    first: int,
 ) -> None:
     """Forward batch ``b``; store its targets' LM log-probs, queries and window positions."""
-    windows = [plan.window(w) for w in plan.batch_windows(b)]
-    width = max(e - a for a, _s, e in windows)
-    tokens = np.full((len(windows), width), pad, dtype=np.int64)
-    rows, cols = [], []
-    for i, (a, s, e) in enumerate(windows):
-        tokens[i, : e - a] = stream.sources(a, e)
-        rows.append(np.full(e - s, i))
-        cols.append((s - a) + np.arange(e - s))
-    row, col = np.concatenate(rows), np.concatenate(cols)
-    s_b, e_b = windows[0][1], windows[-1][2]
+    tokens, row, col = batch_inputs(plan, stream, b, pad)
+    s_b, e_b = plan.batch_targets(b)
     targets = stream.targets(s_b, e_b)
     capture.clear()
     net_output = model(torch.from_numpy(tokens).to(device))
