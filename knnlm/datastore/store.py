@@ -166,6 +166,11 @@ class Datastore:
     def __len__(self) -> int:
         return self.num_keys
 
+    def values_of(self, ids: np.ndarray) -> np.ndarray:
+        """Next-token ids (int64) of the entries ``ids``; −1 where an id is −1 (a neighbour not found)."""
+        ids = np.asarray(ids)
+        return np.where(ids >= 0, np.asarray(self.vals)[np.maximum(ids, 0)], -1).astype(np.int64)
+
     def positions(self) -> np.ndarray:
         """Split position (index in the target stream) of every entry."""
         if self._positions is not None:

@@ -256,7 +256,6 @@ def dump_retrieval(cfg: RetrievalConfig) -> Path:
     ids_out = _open_output(folder / "ids.npy", "int64", (n, k), resume)
     scores_out = _open_output(folder / "scores.npy", "float32", (n, k), resume)
     vals_out = _open_output(folder / "vals.npy", "int64", (n, k), resume)
-    vals = np.asarray(store.vals)
     bar = tqdm(total=n, initial=start, unit="q", unit_scale=True, desc=f"retrieve {name}", disable=None)
     for q0 in range(start, n, cfg.batch):
         q = np.asarray(queries[q0 : q0 + cfg.batch], dtype=np.float32)
@@ -268,7 +267,7 @@ def dump_retrieval(cfg: RetrievalConfig) -> Path:
                 scores = rescore(q, ids, store, similarity, device=cfg.device)
         ids_out[q0 : q0 + len(q)] = ids
         scores_out[q0 : q0 + len(q)] = scores
-        vals_out[q0 : q0 + len(q)] = np.where(ids >= 0, vals[np.maximum(ids, 0)], -1)
+        vals_out[q0 : q0 + len(q)] = store.values_of(ids)
         for arr in (ids_out, scores_out, vals_out):
             arr.flush()
         write_json_atomic(folder / PROGRESS, {"spec": spec, "next": q0 + len(q)})

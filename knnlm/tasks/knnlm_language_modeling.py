@@ -86,7 +86,6 @@ class KnnRetriever:
         self.k = min(cfg.k, self.store.num_keys)
         self.recompute = cfg.knn_sim_func == "recomp"
         self.device = cfg.knn_device
-        self.vals = np.asarray(self.store.vals, dtype=np.int64)
 
     def search(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(scores [Q, k], vals [Q, k])``; missing neighbours have score −inf."""
@@ -96,7 +95,7 @@ class KnnRetriever:
             scores, ids = self.index.search(queries, self.k)
             if self.recompute:
                 scores = rescore(queries, ids, self.store, self.similarity, device=self.device)
-        return scores, np.where(ids >= 0, self.vals[np.maximum(ids, 0)], -1)
+        return scores, self.store.values_of(ids)
 
 
 class KnnInterpolatedLM(BaseFairseqModel):
