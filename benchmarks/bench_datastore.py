@@ -46,7 +46,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -54,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import cpu_model, spread
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -251,15 +251,6 @@ def run_build(request: dict[str, Any]) -> dict[str, Any]:
         shutil.rmtree(out, ignore_errors=True)
 
 
-def spread(values: list[float]) -> dict[str, Any]:
-    """Median, min, max and every value."""
-    return {
-        "median": round(statistics.median(values), 4),
-        "min": round(min(values), 4),
-        "max": round(max(values), 4),
-        "per_rep": [round(v, 4) for v in values],
-    }
-
 
 def throughput(args: argparse.Namespace, data: Path, ckpt: Path) -> dict[str, Any]:
     """Interleaved eval_lm / build runs; per-repetition ratios."""
@@ -314,16 +305,6 @@ def memory(args: argparse.Namespace, data: Path, ckpt: Path) -> list[dict[str, A
         print(f"memory, shard 0 of {shards}: {result['tokens']:,} tokens, peak RSS {peak:,.0f} MiB", flush=True)
     return rows
 
-
-def cpu_model() -> str:
-    """The CPU's model name, for the results."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -42,6 +41,7 @@ from typing import Any
 import faiss
 import numpy as np
 import torch
+from common import cpu_model, spread
 
 from knnlm.datastore import Datastore, IndexBuildConfig, KnnIndex, build_index, exact_topk, write_datastore
 from knnlm.datastore.index import sidecar_path, trained_path
@@ -155,26 +155,6 @@ def timed(fn: Callable[[], Any]) -> tuple[float, float, Any]:
     out = fn()
     return time.perf_counter() - wall, time.process_time() - cpu, out
 
-
-def spread(values: list[float], digits: int = 4) -> dict[str, Any]:
-    """Median, min, max and every value."""
-    return {
-        "median": round(statistics.median(values), digits),
-        "min": round(min(values), digits),
-        "max": round(max(values), digits),
-        "per_rep": [round(v, digits) for v in values],
-    }
-
-
-def cpu_model() -> str:
-    """The CPU's model name, for the results."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
