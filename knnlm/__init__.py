@@ -6,4 +6,4 @@ architectures, criterions and tasks with fairseq.
 
 __version__ = "0.1.0"
 
-from knnlm import criterions, models, tasks  # noqa: E402,F401  (registers fairseq components)
+from knnlm import criterions, models, softmax_alternatives, tasks  # noqa: E402,F401  (registers fairseq components)

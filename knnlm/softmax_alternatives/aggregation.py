@@ -1,0 +1,63 @@
+"""The aggregation M of Xu et al. (2023): from a softmax over R rows to a distribution over V words.
+
+A row-to-word map ``row_word`` (length R, values in [0, V)) says which word each
+embedding row stands for. The probability of a word is the sum of the softmax
+probabilities of its rows, ``P(w) = Σ_{r: row_word[r]=w} softmax(z)_r``, computed
+here in log space (``log P(w) = logsumexp_{r∈w} z_r − logsumexp_r z_r``) so that
+words whose rows all have tiny logits do not underflow.
+
+Two layouts exist: ``n`` rows per word (rows ``j·V + v`` for copy ``j`` of word
+``v``, a reshape does the sum) and per-word sizes (adaptive, rows grouped word by
+word, a scatter does the sum).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def uniform_row_word(vocab_size: int, n: int) -> Tensor:
+    """Row ``j·V + v`` belongs to word ``v``: ``n`` copies of the vocabulary, one after the other."""
+    if vocab_size < 1 or n < 1:
+        raise ValueError(f"vocab_size and n must be >= 1, got {vocab_size}, {n}")
+    return torch.arange(vocab_size, dtype=torch.long).repeat(n)
+
+
+def sized_row_word(sizes: Tensor) -> Tensor:
+    """Rows grouped word by word: word ``v`` owns ``sizes[v]`` consecutive rows."""
+    sizes = torch.as_tensor(sizes, dtype=torch.long)
+    if sizes.dim() != 1 or bool((sizes < 1).any()):
+        raise ValueError("sizes must be a 1-d tensor of positive row counts, one per word")
+    return torch.repeat_interleave(torch.arange(sizes.numel(), dtype=torch.long), sizes)
+
+
+def uniform_n(row_word: Tensor, vocab_size: int) -> int | None:
+    """``n`` when ``row_word`` is the uniform layout of ``n`` copies, else None (so the fast path is safe)."""
+    rows = row_word.numel()
+    if rows % vocab_size:
+        return None
+    n = rows // vocab_size
+    expected = torch.arange(vocab_size, device=row_word.device).repeat(n)
+    return n if torch.equal(row_word, expected) else None
+
+
+def grouped_logsumexp(logits: Tensor, row_word: Tensor, vocab_size: int) -> Tensor:
+    """``out[..., w] = log Σ_{r: row_word[r]=w} exp(logits[..., r])``; ``-inf`` for a word without rows."""
+    n = uniform_n(row_word, vocab_size)
+    if n is not None:
+        return logits.unflatten(-1, (n, vocab_size)).logsumexp(dim=-2)
+    lead = logits.shape[:-1]
+    flat = logits.reshape(-1, logits.shape[-1])
+    index = row_word.to(flat.device).unsqueeze(0).expand_as(flat)
+    group_max = flat.new_full((flat.shape[0], vocab_size), float("-inf"))
+    group_max = group_max.scatter_reduce(1, index, flat.detach(), reduce="amax", include_self=True)
+    shift = group_max.gather(1, index)
+    sums = flat.new_zeros((flat.shape[0], vocab_size)).scatter_add(1, index, torch.exp(flat - shift))
+    out = torch.log(sums) + torch.where(torch.isfinite(group_max), group_max, torch.zeros_like(group_max))
+    return out.reshape(*lead, vocab_size)
+
+
+def aggregate_log_softmax(logits: Tensor, row_word: Tensor, vocab_size: int) -> Tensor:
+    """``log (M · softmax(logits))``: word log-probabilities from row logits (sums to one over words)."""
+    return grouped_logsumexp(logits, row_word, vocab_size) - logits.logsumexp(dim=-1, keepdim=True)

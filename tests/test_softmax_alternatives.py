@@ -1,0 +1,163 @@
+"""The datastore replacements' math against brute-force float64 references."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from knnlm.errors import KnnlmError
+from knnlm.softmax_alternatives.aggregation import (
+    aggregate_log_softmax,
+    grouped_logsumexp,
+    sized_row_word,
+    uniform_n,
+    uniform_row_word,
+)
+from knnlm.softmax_alternatives.heads import ClusteredDatastore, LearnedDatastore, MixtureOfSoftmaxes, topk_sparsify
+from knnlm.softmax_alternatives.sizes import adaptive_sizes, real_sizes, solve_base
+
+
+def _hand_word_probs(logits: np.ndarray, row_word: np.ndarray, vocab: int) -> np.ndarray:
+    """P(w) = Σ_{rows of w} softmax(logits)_r, one loop over rows."""
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    p = e / e.sum(-1, keepdims=True)
+    out = np.zeros((logits.shape[0], vocab))
+    for r, w in enumerate(row_word):
+        out[:, w] += p[:, r]
+    return out
+
+
+@pytest.mark.parametrize("layout", ["uniform", "sized"])
+def test_aggregation_equals_per_word_sum_by_hand(layout):
+    rng = np.random.default_rng(0)
+    vocab = 7
+    if layout == "uniform":
+        row_word = uniform_row_word(vocab, 3)
+        assert uniform_n(row_word, vocab) == 3
+    else:
+        row_word = sized_row_word(torch.tensor([1, 4, 2, 1, 3, 1, 2]))
+        assert uniform_n(row_word, vocab) is None
+    logits = rng.normal(scale=3.0, size=(5, row_word.numel()))
+    got = aggregate_log_softmax(torch.from_numpy(logits), row_word, vocab).numpy()
+    np.testing.assert_allclose(np.exp(got), _hand_word_probs(logits, row_word.numpy(), vocab), rtol=1e-12, atol=0)
+
+
+def test_uniform_layout_rows_are_copies_of_the_vocabulary():
+    assert uniform_row_word(4, 2).tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert sized_row_word(torch.tensor([2, 1])).tolist() == [0, 0, 1]
+    with pytest.raises(ValueError):
+        sized_row_word(torch.tensor([1, 0]))
+
+
+def test_grouped_logsumexp_scatter_path_equals_reshape_path_and_survives_huge_logits():
+    rng = np.random.default_rng(1)
+    vocab, n = 6, 4
+    logits = torch.from_numpy(rng.normal(size=(3, 2, n * vocab)) * 400)  # exp() alone would overflow
+    fast = grouped_logsumexp(logits, uniform_row_word(vocab, n), vocab)
+    perm = torch.randperm(n * vocab, generator=torch.Generator().manual_seed(0))
+    slow = grouped_logsumexp(logits[..., perm], uniform_row_word(vocab, n)[perm], vocab)
+    assert torch.isfinite(fast).all()
+    torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-9)
+
+
+def test_word_without_rows_gets_minus_infinity():
+    out = grouped_logsumexp(torch.zeros(1, 3, dtype=torch.float64), torch.tensor([0, 0, 2]), 4)
+    assert out[0, 1] == -math.inf and out[0, 3] == -math.inf
+    assert out[0, 0] == pytest.approx(math.log(2))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 4), st.integers(0, 10_000))
+def test_learned_datastore_is_a_distribution(vocab, n, seed):
+    torch.manual_seed(seed)
+    head = LearnedDatastore(5, vocab, uniform_row_word(vocab, n)).double()
+    lp = head(torch.randn(4, 5, dtype=torch.float64) * 3)
+    torch.testing.assert_close(lp.exp().sum(-1), torch.ones(4, dtype=torch.float64))
+
+
+def test_learned_datastore_n1_initialised_from_w_sm_is_that_softmax():
+    torch.manual_seed(0)
+    weight, bias = torch.randn(9, 4), torch.randn(9)
+    h = torch.randn(3, 4)
+    head = LearnedDatastore(4, 9, uniform_row_word(9, 1), weight, bias, init_noise=0.0)
+    torch.testing.assert_close(head(h), torch.log_softmax(h @ weight.t() + bias, -1))
+    # n identical copies give the same distribution as one
+    copies = LearnedDatastore(4, 9, uniform_row_word(9, 3), weight, bias, init_noise=0.0)
+    torch.testing.assert_close(copies(h), head(h), rtol=1e-5, atol=1e-5)
+    assert copies.rows == 27
+
+
+def test_solve_base_makes_real_sizes_sum_to_n_v():
+    rng = np.random.default_rng(0)
+    freq = rng.zipf(1.3, size=500).astype(float)
+    freq[:20] = 0  # unseen words: one row each
+    for n in (2, 3, 6):
+        b = solve_base(freq, n)
+        total = sum(1 + math.log(max(f, 1.0)) / math.log(b) for f in freq)
+        assert total == pytest.approx(n * len(freq), rel=1e-12)
+        assert real_sizes(freq, n).sum() == pytest.approx(n * len(freq), rel=1e-12)
+        sizes = adaptive_sizes(freq, n)
+        assert sizes.sum() == n * len(freq) and sizes.min() >= 1 and (sizes[:20] == 1).all()
+        assert np.all(np.abs(sizes - real_sizes(freq, n)) < 1)
+        order = np.argsort(freq, kind="stable")
+        assert np.all(np.diff(real_sizes(freq, n)[order]) >= 0)  # more frequent, more rows
+    assert math.isinf(solve_base(freq, 1)) and (adaptive_sizes(freq, 1) == 1).all()
+    with pytest.raises(KnnlmError, match="<= 1"):
+        solve_base(np.ones(5), 2)
+    with pytest.raises(KnnlmError):
+        solve_base(np.array([1.0, -2.0]), 2)
+
+
+def test_mixture_weights_sum_to_one_and_r1_is_one_softmax():
+    torch.manual_seed(0)
+    w = torch.randn(11, 6)
+    mos = MixtureOfSoftmaxes(6, 11, 4, w).double()
+    h = torch.randn(2, 3, 6, dtype=torch.float64)
+    torch.testing.assert_close(mos.mixture_log_weights(h).exp().sum(-1), torch.ones(2, 3, dtype=torch.float64))
+    lp = mos(h)
+    torch.testing.assert_close(lp.exp().sum(-1), torch.ones(2, 3, dtype=torch.float64))
+    # brute force: Σ_r π_r softmax(W tanh(P_r h) + b)
+    pi = torch.softmax(h @ mos.prior.weight.t(), -1)
+    ctx = torch.tanh(h @ mos.latent.weight.t() + mos.latent.bias).unflatten(-1, (4, 6))
+    expected = (pi.unsqueeze(-1) * torch.softmax(ctx @ mos.output_weight.t() + mos.output_bias, -1)).sum(-2)
+    torch.testing.assert_close(lp.exp(), expected)
+    assert not mos.output_weight.requires_grad
+    assert MixtureOfSoftmaxes(6, 11, 1, w, train_output=True).output_weight.requires_grad
+
+
+@pytest.mark.parametrize("similarity", ["l2", "ip"])
+def test_clustered_datastore_equals_brute_force(similarity):
+    rng = np.random.default_rng(0)
+    centroids = rng.normal(size=(4, 3))
+    m = np.zeros((4, 6))
+    m[0, [1, 2]] = [0.25, 0.75]
+    m[1, 0] = 1.0
+    m[2, [0, 3, 4]] = [0.2, 0.3, 0.5]
+    m[3, 4] = 1.0  # word 5: in no cluster
+    head = ClusteredDatastore(torch.from_numpy(centroids), torch.from_numpy(m).to_sparse(), similarity)
+    h = rng.normal(size=(5, 3))
+    if similarity == "ip":
+        s = h @ centroids.T
+    else:
+        s = -((h[:, None, :] - centroids[None]) ** 2).sum(-1)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    got = head(torch.from_numpy(h).float()).exp().double().numpy()
+    np.testing.assert_allclose(got, p @ m, rtol=1e-5, atol=1e-7)
+    assert np.all(got[:, 5] == 0)
+
+
+def test_topk_sparsify_keeps_k_words_and_renormalises():
+    torch.manual_seed(0)
+    lp = torch.log_softmax(torch.randn(3, 10, dtype=torch.float64), -1)
+    torch.testing.assert_close(topk_sparsify(lp, 10).double(), lp, rtol=1e-6, atol=1e-6)
+    out = topk_sparsify(lp, 3, temperature=2.0)
+    assert (torch.isfinite(out).sum(-1) == 3).all()
+    torch.testing.assert_close(out.exp().sum(-1), torch.ones(3), rtol=1e-6, atol=1e-6)
+    top, idx = lp.topk(3, -1)
+    torch.testing.assert_close(out.gather(-1, idx).double(), torch.log_softmax(top / 2.0, -1), rtol=1e-5, atol=1e-6)
