@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 
+from knnlm.errors import KnnlmError
 from knnlm.evaluation.dump import LMDumpConfig, RetrievalConfig, cache_lm_perplexity, dump_lm, dump_retrieval
 
 
@@ -42,6 +43,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     retrieve.add_argument("--device", default="auto")
     retrieve.set_defaults(func=_retrieve)
 
+    component = jobs.add_parser(
+        "component",
+        help="add a parametric component (datastore replacement, second LM, top-k LM) to a cache",
+        description="Evaluate a next-word distribution on the cache's tokens, to be interpolated with the base "
+        "LM by `knnlm score --component NAME`. Exactly one source: --checkpoint of a knnlm_ds_replacement "
+        "model (its head reads the cached queries), --lm-cache of another LM dumped over the same tokens, "
+        "or --topk K with the base --checkpoint (its distribution cut to the top K words, tempered by τ).",
+    )
+    component.add_argument("--cache", required=True, metavar="DIR", help="cache folder of one split")
+    component.add_argument("--name", required=True, help="component name (folder under CACHE/components/)")
+    component.add_argument("--checkpoint", metavar="PT", help="replacement checkpoint, or the base LM with --topk")
+    component.add_argument("--data", metavar="DIR", help="data-bin with dict.txt (with --checkpoint)")
+    component.add_argument("--lm-cache", metavar="DIR", help="cache of the same split dumped from another LM")
+    component.add_argument("--topk", type=int, metavar="K", help="top-k sparsified base LM (Appendix E)")
+    component.add_argument("--temperature", type=float, default=1.0, help="τ of --topk (default 1)")
+    component.add_argument("--batch", type=int, default=1024, help="queries per forward")
+    component.set_defaults(func=_component)
+
 
 def _dump(args: argparse.Namespace) -> None:
     out = dump_lm(
@@ -58,6 +77,29 @@ def _dump(args: argparse.Namespace) -> None:
         )
     )
     print(f"{out}: LM perplexity {cache_lm_perplexity(out):.2f}")
+
+
+def _component(args: argparse.Namespace) -> None:
+    from knnlm.evaluation.cache import Cache
+    from knnlm.evaluation.components import head_component, lm_component, topk_component, write_component
+    from knnlm.scoring import perplexity
+
+    sources = [args.lm_cache is not None, args.topk is not None, args.checkpoint is not None and args.topk is None]
+    if sum(sources) != 1:
+        raise KnnlmError("give exactly one of --checkpoint (replacement), --lm-cache, or --topk K --checkpoint BASE")
+    if args.checkpoint and not args.data:
+        raise KnnlmError("--checkpoint needs --data (the data-bin with the dictionary)")
+    cache = Cache(args.cache)
+    if args.lm_cache:
+        logprob, knobs, source = lm_component(cache, Cache(args.lm_cache))
+    elif args.topk is not None:
+        logprob, knobs, source = topk_component(
+            cache, args.checkpoint, args.data, args.topk, args.temperature, args.batch
+        )
+    else:
+        logprob, knobs, source = head_component(cache, args.checkpoint, args.data, args.batch)
+    folder = write_component(cache, args.name, logprob, knobs, source)
+    print(f"{folder}: component perplexity {perplexity(logprob).ppl:.2f} ({knobs})")
 
 
 def _retrieve(args: argparse.Namespace) -> None:

@@ -146,11 +146,13 @@ def run_score(options: Mapping[str, Any]) -> int:
     """Score the grid described by ``options`` and append the lines to ``options['out']``."""
     if options["split"] not in SPLITS:
         raise KnnlmError(f"--split must be one of {', '.join(SPLITS)}, got {options['split']!r}")
-    settings = build_settings(options)
     valid = Cache(options["valid_cache"])
     test = Cache(options["test_cache"]) if options.get("test_cache") else None
     if options["split"] == "test" and test is None:
         raise KnnlmError("--split test needs --test-cache (λ is tuned on --valid-cache, reported on test)")
+    if options.get("components"):
+        return _score_components(options, valid, test)
+    settings = build_settings(options)
     settings, missing = check_settings(valid, test, settings)
     if missing:
         reasons = sorted({reason for _, reason in missing})
@@ -166,6 +168,30 @@ def run_score(options: Mapping[str, Any]) -> int:
     ):
         append_jsonl(out, record)
         n += 1
+    logger.info("wrote %d lines to %s", n, out)
+    return n
+
+
+def _score_components(options: Mapping[str, Any], valid: Cache, test: Cache | None) -> int:
+    """One line per ``--component``, each interpolated with the base LM like a kNN distribution."""
+    from knnlm.evaluation.component_score import score_component
+
+    out = Path(options["out"])
+    labels = parse_labels(options.get("labels"))
+    grid = _option("lambda_grid", options["lambda_grid"], float)
+    lams = _option("lambda", options["lambda"], _lambda)
+    n = 0
+    for name in options["components"]:
+        for lam in lams:
+            record = score_component(
+                valid, test, name, split=str(options["split"]), lam=lam, lambda_grid=grid, labels=labels
+            )
+            append_jsonl(out, record)
+            m = record["metrics"]
+            logger.info(
+                "%s: component %s, interpolated %s (λ=%s)", name, m["component_ppl"], m["interp_ppl"], m["lambda_used"]
+            )
+            n += 1
     logger.info("wrote %d lines to %s", n, out)
     return n
 
@@ -207,6 +233,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="extra knob recorded in every line (e.g. model=wt103, seed=2, omega=1)",
+    )
+    parser.add_argument(
+        "--component",
+        dest="components",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="score this parametric component of the caches (`knnlm eval component`) instead of kNN "
+        "retrievals; repeatable. Uses --lambda, --lambda-grid, --split and --label only",
     )
     parser.add_argument("--skip-missing", action="store_true", help="skip settings the caches cannot serve")
     parser.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS, help=argparse.SUPPRESS)

@@ -65,7 +65,7 @@ class LearnedDatastore(nn.Module):
             if init_noise > 0:
                 weight += init_noise * torch.randn(rows, dim, generator=generator)
         self.weight = nn.Parameter(weight)
-        if init_bias is not None and bool(init_bias.detach().abs().max() > 0):
+        if init_bias is not None:
             self.bias: nn.Parameter | None = nn.Parameter(init_bias.detach().float()[row_word].clone())
         else:
             self.bias = None

@@ -167,6 +167,10 @@ class DatastoreReplacementLM(BaseFairseqModel):
         lp = net_output[0].float()
         return lp if log_probs else lp.exp()
 
+    def head_dict_size(self) -> int:
+        """Words the head predicts (the base LM's dictionary)."""
+        return int(self.head.vocab_size) if hasattr(self.head, "vocab_size") else int(self.head.output_weight.shape[0])
+
     def max_positions(self):
         return self.base.max_positions()
 
