@@ -18,7 +18,7 @@ pytest.importorskip("transformers", reason="the hf extra is not installed (pip i
 pytest.importorskip("tokenizers", reason="the hf extra is not installed (pip install -e .[hf])")
 
 from knnlm.errors import KnnlmError  # noqa: E402
-from knnlm.models.hf import HFCausalLM, HFKeyCapture, import_transformers  # noqa: E402
+from knnlm.models.hf import HFCausalLM, HFKeyCapture, check_available, import_transformers  # noqa: E402
 from knnlm.models.hf_text import read_lines, token_words  # noqa: E402
 
 LINES = {"train": 120, "valid": 30, "test": 30}
@@ -225,13 +225,18 @@ def test_datastore_and_evaluation_round_trip(gpt2_dir, tokenizer, text_dir, tmp_
     assert units["n_words"] < cache.n_tokens
     _cli("score", "--valid-cache", str(tmp_path / "valid"), "--test-cache", str(tmp_path / "test"),
          "--out", str(tmp_path / "results.jsonl"), "--key-type", "att", "--similarity", "l2",
-         "--mask-source", "real", "--score-source", "real", "--k", "16")
+         "--mask-source", "real", "--score-source", "real", "--k", "16", "--label", "model=gpt2")
     line = json.loads((tmp_path / "results.jsonl").read_text().splitlines()[0])
     m = line["metrics"]
     lm_lp = Cache(tmp_path / "test").lm_logprob.astype(np.float64)
     assert m["lm_ppl"] == pytest.approx(math.exp(-lm_lp.mean()), rel=1e-6)
     assert m["lm_word_ppl"] == pytest.approx(math.exp(-lm_lp.sum() / m["n_words"]), rel=1e-6)
     assert m["interp_word_ppl"] <= m["lm_word_ppl"] * (1 + 1e-9)
+    _cli("report", str(tmp_path / "results.jsonl"), "--out", str(tmp_path / "report"), "--only", "xu2023_table4",
+         "--where", "k=16", "--where", "split=test", "--where", "lambda=tune", "--where", "mask_source=real",
+         "--where", "score_source=real")
+    table = (tmp_path / "report" / "xu2023_table4.md").read_text()
+    assert f"| GPT-2 small | {m['lm_ppl']:.2f} | {m['interp_ppl']:.2f} | {m['lm_word_ppl']:.2f} |" in table
 
 
 def test_cache_of_another_model_is_refused(gpt2_dir, tokenizer, text_dir, tmp_path):
@@ -260,6 +265,9 @@ def test_clear_errors(gpt2_dir, text_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(KnnlmError, match="not in the local Hugging Face cache"):
         open_base_lm(None, "knnlm-tests/no-such-model", str(text_dir))
+    with pytest.raises(KnnlmError, match="hub is switched off"):
+        check_available("knnlm-tests/no-such-model")
+    assert check_available(str(gpt2_dir)) == "folder"
     monkeypatch.setitem(__import__("sys").modules, "transformers", None)
     with pytest.raises(KnnlmError, match=r"pip install -e \.\[hf\]"):
         open_base_lm(None, "gpt2", str(text_dir))

@@ -108,6 +108,36 @@ def load_pretrained(name: str, revision: str | None = None) -> tuple[nn.Module, 
     return model, tokenizer
 
 
+def check_available(name: str) -> str:
+    """Where ``--hf-model name`` will come from (``folder``, ``cache`` or ``hub``); refuse it if from nowhere.
+
+    Run before long jobs, so that an offline machine stops at once instead of after the first model.
+    """
+    if Path(name).expanduser().is_dir():
+        return "folder"
+    import_transformers()
+    import huggingface_hub
+
+    try:
+        huggingface_hub.snapshot_download(repo_id=name, local_files_only=True)
+        return "cache"
+    except (OSError, ValueError):
+        pass
+    if hub_offline():
+        raise KnnlmError(
+            f"--hf-model {name}: not in the local Hugging Face cache, and the hub is switched off "
+            f"(HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE). Run once with network access to download it"
+        )
+    try:
+        huggingface_hub.model_info(name, timeout=20)
+    except Exception as err:  # any failure to reach the hub or find the model means: cannot download
+        raise KnnlmError(
+            f"--hf-model {name}: not in the local Hugging Face cache and not downloadable ({type(err).__name__}: "
+            f"{err}); check the name and the network, or copy the model into the cache"
+        ) from None
+    return "hub"
+
+
 def find_layout(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """The last decoder layer's MLP and the final norm of a causal LM."""
     for layers_name, norm_name in LAYOUTS:
