@@ -160,7 +160,7 @@ def build_datastore(cfg: DatastoreBuildConfig, on_chunk: ChunkCallback | None = 
             "first_row": first_row,
         },
         "compute": compute,
-        "paths": lm.paths(),
+        "paths": {**lm.paths(), "data": str(Path(cfg.data).resolve())},
     }
     targets = []
     for kt in key_types:

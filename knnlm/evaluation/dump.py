@@ -153,6 +153,7 @@ def dump_lm(cfg: LMDumpConfig) -> Path:
         "dump": {
             "complete": True,
             **lm.paths(),
+            "data": str(Path(cfg.data).resolve()),
             "split_tokens": len(stream),
             "limit_tokens": cfg.limit_tokens,
             "context": plan.settings(),

@@ -64,7 +64,7 @@ class BaseLM(Protocol):
         ``base_model`` (what loaded the model, to refuse artifacts of another one)."""
 
     def paths(self) -> dict[str, str]:
-        """Where the model and data came from (recorded, not part of any id)."""
+        """Where the model came from (recorded, not part of any id)."""
 
     def key_dim(self, key_type: str) -> int: ...
 

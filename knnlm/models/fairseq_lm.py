@@ -84,7 +84,7 @@ class FairseqLM:
         }
 
     def paths(self) -> dict[str, str]:
-        return {"checkpoint": str(Path(self.checkpoint).resolve()), "data": str(Path(self.data).resolve())}
+        return {"checkpoint": str(Path(self.checkpoint).resolve())}
 
     def key_dim(self, key_type: str) -> int:
         return key_dim(self.model.decoder, key_type)
