@@ -3,9 +3,16 @@
 #   datastore of the train split (att, ffn) -> FAISS indexes -> per-token caches of valid/test
 #   -> retrievals (FAISS, FAISS + real score, exact) -> knnlm score -> knnlm report
 # Configured by environment variables; the defaults are the CPU small scale on WikiText-2.
+# The base model is CKPT (a fairseq checkpoint, DATA its data-bin) or HF_MODEL (a Hugging Face causal LM,
+# DATA a folder of raw text splits).
 # Every step skips work that is already complete, so an interrupted run can simply be restarted.
 set -euo pipefail
-: "${CKPT:?set CKPT=path/to/checkpoint.pt}" "${DATA:?set DATA=data-bin/NAME}" "${OUT:?set OUT=runs/NAME}"
+: "${DATA:?set DATA=data-bin/NAME}" "${OUT:?set OUT=runs/NAME}"
+if [ -n "${HF_MODEL:-}" ]; then
+  BASE_MODEL=(--hf-model "$HF_MODEL")
+else
+  BASE_MODEL=(--checkpoint "${CKPT:?set CKPT=path/to/checkpoint.pt or HF_MODEL=NAME_OR_PATH}")
+fi
 KEY_TYPES=${KEY_TYPES:-att,ffn}        # datastores to build
 METRICS=${METRICS:-l2,ip}              # one FAISS index per key type and metric
 TPS=${TPS:-256}                        # tokens per sample (WIKI-103 paper scale: 3072)
@@ -27,7 +34,7 @@ TIMINGS=$OUT/timings.tsv
 timed() { local name=$1; shift; local t0=$SECONDS; "$@"; printf '%s\t%d\n' "$name" $((SECONDS - t0)) >> "$TIMINGS"; }
 limit_flag() { [ -n "$1" ] && [ "$1" != 0 ] && echo "--limit-tokens $1" || true; }
 
-timed datastore knnlm datastore build --checkpoint "$CKPT" --data "$DATA" --out "$OUT/datastore" \
+timed datastore knnlm datastore build "${BASE_MODEL[@]}" --data "$DATA" --out "$OUT/datastore" \
   --split train --key-types "$KEY_TYPES" --tokens-per-sample "$TPS" --context-window "$CW" \
   --max-tokens "$MAX_TOKENS" --device "$DEVICE"
 
@@ -44,7 +51,7 @@ dump_and_retrieve() {  # cache_root limit with_exact
   local root=$1 limit=$2 exact=$3
   for split in valid test; do
     # shellcheck disable=SC2046
-    timed "dump $root/$split" knnlm eval dump --checkpoint "$CKPT" --data "$DATA" --split "$split" \
+    timed "dump $root/$split" knnlm eval dump "${BASE_MODEL[@]}" --data "$DATA" --split "$split" \
       --out "$root/$split" --tokens-per-sample "$TPS" --context-window "$CW" --max-tokens "$MAX_TOKENS" \
       --device "$DEVICE" $(limit_flag "$limit")
     for kt in ${KEY_TYPES//,/ }; do

@@ -34,11 +34,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build = actions.add_parser(
         "build",
         help="checkpoint + split -> OUT/att, OUT/ffn datastores",
-        description="Run a fairseq LM over a binarized split with eval_lm's contexts and write one "
-        "datastore per key type (OUT/<key_type>). Resumes an interrupted build.",
+        description="Run a fairseq LM (or a Hugging Face causal LM) over a split with eval_lm's contexts and "
+        "write one datastore per key type (OUT/<key_type>). Resumes an interrupted build.",
     )
-    build.add_argument("--checkpoint", required=True, help="fairseq LM checkpoint (.pt)")
-    build.add_argument("--data", required=True, help="fairseq data-bin folder (dict.txt, SPLIT.bin/.idx)")
+    add_base_model_arguments(build)
     build.add_argument("--out", required=True, help="output folder; datastores go to OUT/att and OUT/ffn")
     build.add_argument("--split", default=_DEFAULTS.split)
     build.add_argument(
@@ -107,6 +106,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     info = actions.add_parser("info", help="verify a datastore and print its metadata")
     info.add_argument("path")
     info.set_defaults(func=_info)
+
+
+def add_base_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--checkpoint`` or ``--hf-model`` (one of them), and ``--data`` to go with it."""
+    parser.add_argument("--checkpoint", default=None, help="fairseq LM checkpoint (.pt)")
+    parser.add_argument(
+        "--hf-model",
+        default=None,
+        metavar="NAME_OR_PATH",
+        help="instead of --checkpoint: a Hugging Face causal LM (hub name or save_pretrained folder; "
+        "pip install -e .[hf]); tokens are its tokenizer's",
+    )
+    parser.add_argument("--hf-revision", default=None, help="hub revision (branch, tag or commit) of --hf-model")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="fairseq data-bin folder (dict.txt, SPLIT.bin/.idx); with --hf-model a folder of raw text "
+        "(wiki.SPLIT.raw, wiki.SPLIT.tokens or SPLIT.txt)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> DatastoreBuildConfig:

@@ -1,8 +1,10 @@
 """``knnlm eval``: the dump phase of the two-phase evaluation.
 
     knnlm eval dump --checkpoint CKPT --data DATA_BIN --split valid --out caches/valid
+    knnlm eval dump --hf-model gpt2 --data RAW_TEXT_DIR --split valid --out caches/valid
     knnlm eval retrieve --cache caches/valid --datastore ds/att --index ds/att.l2.faiss [--real-score]
     knnlm eval retrieve --cache caches/valid --datastore ds/att --similarity l2      # exact ("real mask")
+    knnlm eval component --cache caches/valid --name att-n3 --checkpoint heads/att-n3.pt --data DATA_BIN
 
 Then ``knnlm score`` reads the caches.
 """
@@ -10,9 +12,14 @@ Then ``knnlm score`` reads the caches.
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
+import numpy as np
+
+from knnlm.cli.datastore import add_base_model_arguments
 from knnlm.errors import KnnlmError
-from knnlm.evaluation.dump import LMDumpConfig, RetrievalConfig, cache_lm_perplexity, dump_lm, dump_retrieval
+from knnlm.evaluation.dump import LMDumpConfig, RetrievalConfig, describe_perplexity, dump_lm, dump_retrieval
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,12 +27,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     jobs = parser.add_subparsers(dest="job", required=True, metavar="JOB")
 
     dump = jobs.add_parser("dump", help="one LM pass over a split: targets, LM log-probs, att/ffn queries")
-    dump.add_argument("--checkpoint", required=True)
-    dump.add_argument("--data", required=True, help="fairseq data-bin folder (with dict.txt)")
+    add_base_model_arguments(dump)
     dump.add_argument("--split", default="valid")
     dump.add_argument("--out", required=True, help="cache folder to write")
-    dump.add_argument("--tokens-per-sample", type=int, default=None, help="default: the checkpoint's")
-    dump.add_argument("--context-window", type=int, default=None, help="default: half of tokens-per-sample")
+    dump.add_argument(
+        "--tokens-per-sample",
+        type=int,
+        default=None,
+        help="window length T (default: the checkpoint's; with --hf-model min(1024, the model's positions))",
+    )
+    dump.add_argument(
+        "--context-window",
+        type=int,
+        default=None,
+        help="context C carried into each window (default: T/2); the window slides by stride T - C",
+    )
     dump.add_argument("--max-tokens", type=int, default=8192, help="tokens per forward batch")
     dump.add_argument("--limit-tokens", type=int, default=None, help="only the split's first N target tokens")
     dump.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:1, ...")
@@ -66,6 +82,8 @@ def _dump(args: argparse.Namespace) -> None:
     out = dump_lm(
         LMDumpConfig(
             checkpoint=args.checkpoint,
+            hf_model=args.hf_model,
+            hf_revision=args.hf_revision,
             data=args.data,
             out=args.out,
             split=args.split,
@@ -76,7 +94,10 @@ def _dump(args: argparse.Namespace) -> None:
             device=args.device,
         )
     )
-    print(f"{out}: LM perplexity {cache_lm_perplexity(out):.2f}")
+    units = json.loads((Path(out) / "meta.json").read_text()).get("units") or {}
+    print(f"{out}: {describe_perplexity(np.load(Path(out) / 'lm_logprob.npy'), units.get('n_words'))}")
+    if units.get("token"):
+        print(f"  token = {units['token']}; word = {units.get('word')}")
 
 
 def _component(args: argparse.Namespace) -> None:

@@ -1,9 +1,10 @@
-"""``datastore build``: run a fairseq LM over a split and stream its kNN keys to disk.
+"""``datastore build``: run a base LM over a split and stream its kNN keys to disk.
 
 Contexts are those of fairseq's eval_lm (see :mod:`knnlm.datastore.contexts`).
-Keys are read with :class:`knnlm.models.capture.KeyCapture` hooks from
-``decoder.extract_features``, so any fairseq transformer LM checkpoint works and
-the output layer (softmax) is never computed. One forward pass fills the
+The base LM is a fairseq checkpoint or a Hugging Face causal LM
+(:mod:`knnlm.models.base_lm`); keys are read with forward hooks (for fairseq
+:class:`knnlm.models.capture.KeyCapture` on ``decoder.extract_features``), so the
+output layer (softmax) is never computed. One forward pass fills the
 datastores of all requested key types (``out/att``, ``out/ffn``).
 
 Work is cut into chunks of whole batches; after each chunk the rows are synced
@@ -14,7 +15,6 @@ from the last complete chunk and produces the same bytes as an uninterrupted one
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +26,6 @@ from omegaconf import MISSING
 from tqdm import tqdm
 
 from knnlm.datastore.contexts import ContextPlan, TokenStream, batch_inputs
-from knnlm.datastore.meta import dictionary_fingerprint, sha256_files
 from knnlm.datastore.sampling import sample_sorted, subsample_count
 from knnlm.datastore.store import (
     KEY_DTYPE,
@@ -38,8 +37,11 @@ from knnlm.datastore.store import (
     prepare_output,
 )
 from knnlm.errors import KnnlmError
-from knnlm.models.capture import KEY_TYPES, KeyCapture, key_dim
-from knnlm.models.loading import fairseq_hydra_compat
+from knnlm.models.base_lm import BaseLM, Capture, open_base_lm
+from knnlm.models.capture import KEY_TYPES
+from knnlm.models.fairseq_lm import load_language_model, load_split
+
+__all__ = ["DatastoreBuildConfig", "build_datastore", "build_summary", "load_language_model", "load_split"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +50,9 @@ logger = logging.getLogger(__name__)
 class DatastoreBuildConfig:
     """Options of ``knnlm datastore build`` (also the schema of its hydra app)."""
 
-    checkpoint: str = MISSING
+    checkpoint: Optional[str] = None  # a fairseq checkpoint, or:
+    hf_model: Optional[str] = None  # a Hugging Face causal LM (hub name or folder); --data is then raw text
+    hf_revision: Optional[str] = None
     data: str = MISSING
     out: str = MISSING
     split: str = "train"
@@ -82,34 +86,6 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def load_language_model(checkpoint: str | os.PathLike, data: str | os.PathLike) -> tuple[torch.nn.Module, Any]:
-    """Load a fairseq LM checkpoint with its task pointed at ``data`` (the data-bin with dict.txt)."""
-    from fairseq import checkpoint_utils
-
-    checkpoint, data = Path(checkpoint), Path(data)
-    if not checkpoint.is_file():
-        raise KnnlmError(f"checkpoint {checkpoint} does not exist; pass --checkpoint PATH/checkpoint_best.pt")
-    if not (data / "dict.txt").is_file():
-        raise KnnlmError(f"{data / 'dict.txt'} is missing; --data must be a fairseq data-bin folder")
-    with fairseq_hydra_compat():
-        models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task(
-            [str(checkpoint)], arg_overrides={"data": str(data)}
-        )
-    return models[0], task
-
-
-def load_split(data: str | os.PathLike, split: str, dictionary: Any) -> tuple[TokenStream, str]:
-    """The split's token stream and a fingerprint of its binarized files."""
-    from fairseq.data import data_utils
-
-    prefix = Path(data) / split
-    dataset = data_utils.load_indexed_dataset(str(prefix), dictionary)
-    if dataset is None:
-        raise KnnlmError(f"split {split!r} not found under {data} (no {prefix}.bin/.idx); check --split")
-    files = [p for p in (prefix.with_suffix(".idx"), prefix.with_suffix(".bin")) if p.exists()]
-    return TokenStream(dataset, dataset.sizes, dictionary.eos()), sha256_files(files)
-
-
 @dataclass
 class _Target:
     """One datastore being filled by the build."""
@@ -134,20 +110,10 @@ def build_datastore(cfg: DatastoreBuildConfig, on_chunk: ChunkCallback | None = 
     device = resolve_device(cfg.device)
     fp16 = device.type == "cuda" if cfg.fp16 is None else bool(cfg.fp16)
 
-    checkpoint_sha = sha256_files([cfg.checkpoint]) if Path(cfg.checkpoint).is_file() else ""
-    model, task = load_language_model(cfg.checkpoint, cfg.data)
-    dictionary = task.source_dictionary
-    stream, data_sha = load_split(cfg.data, cfg.split, dictionary)
-
-    tokens_per_sample = cfg.tokens_per_sample or int(task.cfg.tokens_per_sample)
-    context_window = tokens_per_sample // 2 if cfg.context_window is None else cfg.context_window
-    plan = ContextPlan(len(stream), tokens_per_sample, context_window, cfg.max_tokens)
-    max_positions = model.max_positions()
-    if isinstance(max_positions, int) and tokens_per_sample > max_positions:
-        raise KnnlmError(
-            f"--tokens-per-sample {tokens_per_sample} exceeds the {max_positions} positions of "
-            f"{cfg.checkpoint}; use at most {max_positions}"
-        )
+    lm = open_base_lm(cfg.checkpoint, cfg.hf_model, cfg.data, cfg.hf_revision)
+    split_tokens = lm.load_split(cfg.data, cfg.split)
+    stream = split_tokens.stream
+    plan = make_plan(lm, len(stream), cfg.tokens_per_sample, cfg.context_window, cfg.max_tokens)
     batches = plan.shard_batches(cfg.shard_id, cfg.num_shards)
     first_pos, end_pos = plan.batch_targets(batches[0])[0], plan.batch_targets(batches[-1])[1]
 
@@ -178,12 +144,11 @@ def build_datastore(cfg: DatastoreBuildConfig, on_chunk: ChunkCallback | None = 
         "has_positions": positions is not None,
         "first_position": first_pos if positions is None else 0,
         "source": {
-            "checkpoint_sha256": checkpoint_sha,
-            "dictionary_sha256": dictionary_fingerprint(dictionary),
-            "dictionary_size": len(dictionary),
-            "data_sha256": data_sha,
+            **lm.source(),
+            "data_sha256": split_tokens.data_sha256,
             "split": cfg.split,
             "split_tokens": plan.num_tokens,
+            **({"units": split_tokens.units} if split_tokens.units else {}),
         },
         "context": plan.settings(),
         "subsample": subsample,
@@ -195,11 +160,11 @@ def build_datastore(cfg: DatastoreBuildConfig, on_chunk: ChunkCallback | None = 
             "first_row": first_row,
         },
         "compute": compute,
-        "paths": {"checkpoint": str(Path(cfg.checkpoint).resolve()), "data": str(Path(cfg.data).resolve())},
+        "paths": {**lm.paths(), "data": str(Path(cfg.data).resolve())},
     }
     targets = []
     for kt in key_types:
-        meta = finalize_meta({**common, "key_type": kt, "key_dim": key_dim(model.decoder, kt)})
+        meta = finalize_meta({**common, "key_type": kt, "key_dim": lm.key_dim(kt)})
         resume_spec = _resume_spec(meta)
         path = Path(cfg.out) / kt
         targets.append(_Target(kt, path, meta, prepare_output(path, meta, resume_spec, cfg.overwrite)))
@@ -209,7 +174,7 @@ def build_datastore(cfg: DatastoreBuildConfig, on_chunk: ChunkCallback | None = 
             logger.info("%s is complete already (datastore %s)", t.path, t.meta["datastore_id"][:12])
     if pending:
         _run(
-            model,
+            lm,
             plan,
             stream,
             batches,
@@ -218,13 +183,27 @@ def build_datastore(cfg: DatastoreBuildConfig, on_chunk: ChunkCallback | None = 
             pending,
             device,
             fp16,
-            dictionary.pad(),
             cfg.chunk_tokens,
             on_chunk,
         )
     for t in targets:
         Datastore.open(t.path)
     return [t.path for t in targets]
+
+
+def make_plan(
+    lm: BaseLM, num_tokens: int, tokens_per_sample: int | None, context_window: int | None, max_tokens: int
+) -> ContextPlan:
+    """The windows of a split: ``tokens_per_sample`` (default: the model's) with ``context_window``
+    tokens of carried context (default: half), i.e. a sliding window with stride T − C."""
+    tokens_per_sample = tokens_per_sample or lm.default_tokens_per_sample
+    context_window = tokens_per_sample // 2 if context_window is None else context_window
+    if lm.max_positions is not None and tokens_per_sample > lm.max_positions:
+        raise KnnlmError(
+            f"--tokens-per-sample {tokens_per_sample} exceeds the {lm.max_positions} positions of "
+            f"{lm.describe()}; use at most {lm.max_positions}"
+        )
+    return ContextPlan(num_tokens, tokens_per_sample, context_window, max_tokens)
 
 
 def _resume_spec(meta: dict[str, Any]) -> dict[str, Any]:
@@ -239,7 +218,7 @@ def _resume_spec(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run(
-    model: torch.nn.Module,
+    lm: BaseLM,
     plan: ContextPlan,
     stream: TokenStream,
     batches: range,
@@ -248,16 +227,11 @@ def _run(
     targets: list[_Target],
     device: torch.device,
     fp16: bool,
-    pad: int,
     chunk_tokens: int,
     on_chunk: ChunkCallback | None,
 ) -> None:
-    model.eval()
-    model.to(device)
-    if fp16:
-        model.half()
-    own_capture = not isinstance(getattr(model, "key_capture", None), KeyCapture)
-    capture = KeyCapture(model.decoder) if own_capture else model.key_capture
+    lm.prepare(device, fp16)
+    capture = lm.capture()
     first_pos, end_pos = target_range
     batches_per_chunk = max(1, chunk_tokens // (plan.windows_per_batch * plan.block))
     start = min(t.state.next_unit if t.state.status == "resume" else batches.start for t in targets)
@@ -278,7 +252,7 @@ def _run(
             chunk_end = min(chunk_start + batches_per_chunk, batches.stop)
             for b in range(chunk_start, chunk_end):
                 rows, row0, vals, keys = _batch(
-                    model,
+                    lm,
                     capture,
                     plan,
                     stream,
@@ -286,7 +260,6 @@ def _run(
                     positions,
                     first_pos,
                     [t.key_type for t in targets],
-                    pad,
                     device,
                 )
                 for t in targets:
@@ -306,27 +279,23 @@ def _run(
         for t in targets:
             if t.writer is not None:
                 t.writer.close()
-        if own_capture:
-            capture.remove()
-        else:
-            capture.clear()
+        capture.remove()
 
 
 @torch.inference_mode()
 def _batch(
-    model: torch.nn.Module,
-    capture: KeyCapture,
+    lm: BaseLM,
+    capture: Capture,
     plan: ContextPlan,
     stream: TokenStream,
     b: int,
     positions: np.ndarray | None,
     first_pos: int,
     key_types: list[str],
-    pad: int,
     device: torch.device,
 ) -> tuple[int, int, np.ndarray, dict[str, np.ndarray]]:
     """Forward batch ``b``; returns (rows, first row, vals, {key_type: fp16 keys}) of its kept targets."""
-    tokens, rows, cols = batch_inputs(plan, stream, b, pad)
+    tokens, rows, cols = batch_inputs(plan, stream, b, lm.pad)
     flat = rows * tokens.shape[1] + cols
     s_b, e_b = plan.batch_targets(b)
     vals = stream.targets(s_b, e_b)
@@ -337,7 +306,7 @@ def _batch(
         keep = positions[lo:hi] - s_b
         flat, vals, row0 = flat[keep], vals[keep], int(lo)
     capture.clear()
-    model.decoder.extract_features(torch.from_numpy(tokens).to(device), None)
+    lm.features(torch.from_numpy(tokens).to(device))
     index = torch.from_numpy(flat).to(device)
     keys = {}
     for kt in key_types:

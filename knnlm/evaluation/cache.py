@@ -10,6 +10,7 @@ The expensive passes (LM forward, retrieval) run once and write this folder; eve
       query_att.npy        float16 [T, D_att]   optional, not needed for scoring
       query_ffn.npy        float16 [T, D_ffn]   optional, not needed for scoring
       positions.npy        int32   [T]          optional, target position in its window
+      word_ids.npy         int64   [T]          optional, the dataset word of each token (sub-word tokens)
       knn/<name>/          one folder per retrieval, e.g. att-l2-faiss, att-l2-faiss-realscore
         ids.npy            int64   [T, k_max]   datastore row ids, ranked by the mask source
         scores.npy         float32 [T, k_max]   similarity, higher is better (IP q·k, L2 -||q-k||²)
@@ -21,6 +22,8 @@ The expensive passes (LM forward, retrieval) run once and write this folder; eve
     {"format": "knnlm-cache", "format_version": 1, "split": "valid", "n_tokens": T,
      "k_max": K, "key_dims": {"att": D, "ffn": D}, "dict_size": V,
      "checkpoint_fingerprint": "...", "dictionary_fingerprint": "..." (optional),
+     "base_model": {"kind": "hf", ...} (optional: a --hf-model dump; the datastore must match it),
+     "units": {"token": "...", "word": "...", "n_words": W} (optional: tokens are word pieces),
      "retrievals": [{"name": "att-l2-faiss", "key_type": "att", "similarity": "l2",
                      "mask_source": "faiss", "score_source": "faiss"}, ...]}
 

@@ -1,9 +1,12 @@
 """The dump phase: one LM pass over a split, then one retrieval per datastore, into a cache.
 
-``dump_lm`` runs the LM over a split with fairseq eval_lm's contexts (the same
-:class:`~knnlm.datastore.contexts.ContextPlan` the datastore builder uses) and
+``dump_lm`` runs the base LM (a fairseq checkpoint or a Hugging Face causal LM,
+see :mod:`knnlm.models.base_lm`) over a split with fairseq eval_lm's contexts (the
+same :class:`~knnlm.datastore.contexts.ContextPlan` the datastore builder uses) and
 writes, per target token, its id, the LM log-probability of the target, the
-``att`` and ``ffn`` query vectors and its position in the context window.
+``att`` and ``ffn`` query vectors and its position in the context window. Where
+tokens are sub-word pieces of the dataset's words (HF tokenizers), it also writes
+each token's word index, so that perplexity is reported per token and per word.
 ``dump_retrieval`` then searches one datastore for every cached query and writes
 the top ``k_max`` neighbour ids, scores and values as one retrieval folder (see
 :mod:`knnlm.evaluation.cache`). Scoring afterwards needs neither the model nor
@@ -28,9 +31,8 @@ import torch
 from tqdm import tqdm
 
 from knnlm.datastore import Datastore, KnnIndex, exact_topk, rescore
-from knnlm.datastore.build import load_language_model, load_split, resolve_device
+from knnlm.datastore.build import make_plan, resolve_device
 from knnlm.datastore.contexts import ContextPlan, batch_inputs
-from knnlm.datastore.meta import dictionary_fingerprint, sha256_files
 from knnlm.errors import KnnlmError
 from knnlm.evaluation.cache import (
     Cache,
@@ -39,7 +41,8 @@ from knnlm.evaluation.cache import (
     write_cache_meta,
     write_json_atomic,
 )
-from knnlm.models.capture import KEY_TYPES, KeyCapture, key_dim
+from knnlm.models.base_lm import BaseLM, Capture, open_base_lm
+from knnlm.models.capture import KEY_TYPES
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +53,8 @@ PROGRESS = "progress.json"
 class LMDumpConfig:
     """Options of ``knnlm eval dump``: which model, which split, which contexts."""
 
-    checkpoint: str
-    data: str
+    checkpoint: str | None  # a fairseq checkpoint, or None with hf_model
+    data: str  # fairseq data-bin; with hf_model a folder of raw text splits
     out: str
     split: str = "valid"
     tokens_per_sample: int | None = None  # None: the checkpoint's
@@ -60,6 +63,8 @@ class LMDumpConfig:
     limit_tokens: int | None = None  # only the split's first N target tokens
     chunk_batches: int = 32
     device: str = "auto"
+    hf_model: str | None = None  # a Hugging Face causal LM (hub name or local folder)
+    hf_revision: str | None = None
 
 
 def _open_output(path: Path, dtype: str, shape: tuple[int, ...], resume: bool) -> np.memmap:
@@ -88,17 +93,16 @@ def dump_lm(cfg: LMDumpConfig) -> Path:
             logger.info("%s is complete already", out)
             return out
     device = resolve_device(cfg.device)
-    model, task = load_language_model(cfg.checkpoint, cfg.data)
-    dictionary = task.source_dictionary
-    stream, data_sha = load_split(cfg.data, cfg.split, dictionary)
-    tokens_per_sample = cfg.tokens_per_sample or int(task.cfg.tokens_per_sample)
-    context_window = tokens_per_sample // 2 if cfg.context_window is None else cfg.context_window
+    lm = open_base_lm(cfg.checkpoint, cfg.hf_model, cfg.data, cfg.hf_revision)
+    split_tokens = lm.load_split(cfg.data, cfg.split, words=True)
+    stream, data_sha = split_tokens.stream, split_tokens.data_sha256
     n_tokens = len(stream) if cfg.limit_tokens is None else min(cfg.limit_tokens, len(stream))
     if n_tokens <= 0:
         raise KnnlmError(f"--limit-tokens must be positive; got {cfg.limit_tokens}")
-    plan = ContextPlan(n_tokens, tokens_per_sample, context_window, cfg.max_tokens)
-    dims = {kt: key_dim(model.decoder, kt) for kt in KEY_TYPES}
-    checkpoint_sha = sha256_files([cfg.checkpoint])
+    plan = make_plan(lm, n_tokens, cfg.tokens_per_sample, cfg.context_window, cfg.max_tokens)
+    dims = {kt: lm.key_dim(kt) for kt in KEY_TYPES}
+    source = lm.source()
+    checkpoint_sha = source["checkpoint_sha256"]
     spec = {
         "checkpoint_sha256": checkpoint_sha,
         "data_sha256": data_sha,
@@ -121,8 +125,8 @@ def dump_lm(cfg: LMDumpConfig) -> Path:
     }
     if resume:
         logger.info("resuming %s from batch %d of %d", out, start, plan.num_batches)
-    model.eval().to(device)
-    capture = KeyCapture(model.decoder)
+    lm.prepare(device, fp16=False)
+    capture = lm.capture()
     bar = tqdm(total=n_tokens, initial=plan.batch_targets(start)[0] if start < plan.num_batches else n_tokens,
                unit="tok", unit_scale=True, desc=f"dump {cfg.split}", disable=None)
     try:
@@ -130,7 +134,7 @@ def dump_lm(cfg: LMDumpConfig) -> Path:
             chunk1 = min(chunk0 + cfg.chunk_batches, plan.num_batches)
             for b in range(chunk0, chunk1):
                 s, e = plan.batch_targets(b)
-                _lm_batch(model, capture, plan, stream, b, dictionary.pad(), device, arrays)
+                _lm_batch(lm, capture, plan, stream, b, device, arrays)
                 bar.update(e - s)
             for arr in arrays.values():
                 arr.flush()
@@ -138,27 +142,32 @@ def dump_lm(cfg: LMDumpConfig) -> Path:
     finally:
         bar.close()
         capture.remove()
+    units = dict(split_tokens.units)
+    if split_tokens.word_ids is not None:
+        word_ids = np.asarray(split_tokens.word_ids[:n_tokens], dtype=np.int64)
+        np.save(out / "word_ids.npy", word_ids)
+        units["n_words"] = int(word_ids[-1]) + 1
     lm_logprob = np.asarray(arrays["lm_logprob"], dtype=np.float64)
-    logger.info(
-        "%s: %d tokens, LM perplexity %.2f", cfg.split, n_tokens, float(np.exp(-lm_logprob.mean()))
-    )
+    logger.info("%s: %d tokens, %s", cfg.split, n_tokens, describe_perplexity(lm_logprob, units.get("n_words")))
     extra = {
         "dump": {
             "complete": True,
-            "checkpoint": str(Path(cfg.checkpoint).resolve()),
+            **lm.paths(),
             "data": str(Path(cfg.data).resolve()),
             "split_tokens": len(stream),
             "limit_tokens": cfg.limit_tokens,
             "context": plan.settings(),
             "data_sha256": data_sha,
         },
-        "dictionary_fingerprint": dictionary_fingerprint(dictionary),
+        "dictionary_fingerprint": source["dictionary_sha256"],
+        **({"base_model": source["base_model"]} if "base_model" in source else {}),
+        **({"units": units} if units else {}),
     }
     write_cache_meta(
         out,
         split=cfg.split,
         n_tokens=n_tokens,
-        dict_size=len(dictionary),
+        dict_size=lm.vocab_size,
         checkpoint_fingerprint=checkpoint_sha,
         key_dims=dims,
         retrievals=[],
@@ -170,25 +179,23 @@ def dump_lm(cfg: LMDumpConfig) -> Path:
 
 @torch.inference_mode()
 def _lm_batch(
-    model: torch.nn.Module,
-    capture: KeyCapture,
+    lm: BaseLM,
+    capture: Capture,
     plan: ContextPlan,
     stream: Any,
     b: int,
-    pad: int,
     device: torch.device,
     arrays: dict[str, np.memmap],
 ) -> None:
     """Forward batch ``b``; store its targets' LM log-probs, queries and window positions."""
-    tokens, row, col = batch_inputs(plan, stream, b, pad)
+    tokens, row, col = batch_inputs(plan, stream, b, lm.pad)
     s_b, e_b = plan.batch_targets(b)
     targets = stream.targets(s_b, e_b)
     capture.clear()
-    net_output = model(torch.from_numpy(tokens).to(device))
-    lprobs = model.get_normalized_probs(net_output, log_probs=True).float()
     r, c = torch.from_numpy(row).to(device), torch.from_numpy(col).to(device)
     t = torch.from_numpy(targets).to(device)
-    arrays["lm_logprob"][s_b:e_b] = lprobs[r, c, t].cpu().numpy()
+    lprobs = lm.target_logprobs(torch.from_numpy(tokens).to(device), r, c, t)
+    arrays["lm_logprob"][s_b:e_b] = lprobs.cpu().numpy()
     arrays["targets"][s_b:e_b] = targets
     arrays["positions"][s_b:e_b] = col
     for kt in KEY_TYPES:
@@ -220,7 +227,13 @@ def dump_retrieval(cfg: RetrievalConfig) -> Path:
     ):
         raise KnnlmError(
             f"{cfg.datastore} was built with another dictionary than the cache {cfg.cache}; "
-            "dump and datastore must come from the same data-bin"
+            "dump and datastore must come from the same data-bin (or the same --hf-model tokenizer)"
+        )
+    cache_model, store_model = cache.meta.get("base_model"), store.meta["source"].get("base_model")
+    if (cache_model is not None or store_model is not None) and cache_model != store_model:
+        raise KnnlmError(
+            f"{cfg.datastore} was built with base model {store_model} but the cache {cfg.cache} was dumped "
+            f"with {cache_model}; build the datastore and dump the cache with the same --hf-model/--hf-revision"
         )
     key_type = store.key_type
     queries = np.load(Path(cfg.cache) / f"query_{key_type}.npy", mmap_mode="r")
@@ -309,6 +322,15 @@ def _register_retrieval(path: Path, cache: Cache, info: RetrievalInfo) -> None:
         retrievals=[*keep, info],
         extra_meta=extra,
     )
+
+
+def describe_perplexity(logprobs: np.ndarray, n_words: int | None) -> str:
+    """``LM perplexity X per token`` and, where tokens are word pieces, ``, Y per word (W words)``."""
+    nll = -float(np.sum(np.asarray(logprobs, dtype=np.float64)))
+    text = f"LM perplexity {np.exp(nll / len(logprobs)):.2f} per token"
+    if n_words:
+        text += f", {np.exp(nll / n_words):.2f} per word ({n_words:,} words, {len(logprobs):,} tokens)"
+    return text
 
 
 def cache_lm_perplexity(path: str | os.PathLike) -> float:

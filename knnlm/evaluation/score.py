@@ -19,7 +19,10 @@ Result schema (``"schema": "knnlm.score/1"``); ``inf`` is written as the string
      "metrics": {"n_tokens", "lm_ppl", "knn_ppl", "knn_zero_mass", "interp_ppl",
                  "interp_zero_mass", "oracle_ppl", "lambda_used", "lambda_tuned_on": "valid" | null,
                  "tuned_on_reported_split", "valid_interp_ppl", "neighbours_used_mean",
-                 "tokens_short_of_k"},
+                 "tokens_short_of_k",
+                 where the cache's tokens are sub-word pieces of the dataset's words (``--hf-model``):
+                 "n_words", "lm_word_ppl", "knn_word_ppl", "interp_word_ppl", "oracle_word_ppl",
+                 "token_unit"; every other ``*_ppl`` is per token},
      "provenance": {"retrieval", "valid_cache", "test_cache", "datastore_path",
                     "knnlm_version", "created"}}
 """
@@ -124,6 +127,17 @@ def json_number(value: float) -> float | str:
 def _ppl_fields(prefix: str, logprobs: np.ndarray) -> dict[str, Any]:
     result = scoring.perplexity(logprobs)
     return {f"{prefix}_ppl": json_number(result.ppl), f"{prefix}_zero_mass": result.n_zero_mass}
+
+
+def _word_ppl_fields(n_words: int, parts: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Per-word perplexity, exp(total NLL / words): the pieces of a word multiply into its probability."""
+    out: dict[str, Any] = {"n_words": n_words}
+    for prefix, logprobs in parts.items():
+        result = scoring.perplexity(logprobs)  # checks NaN and counts zero-mass tokens
+        nll = math.inf if result.n_zero_mass else -float(np.sum(np.asarray(logprobs, dtype=np.float64)))
+        mean = nll / n_words
+        out[f"{prefix}_word_ppl"] = json_number(math.exp(mean) if mean < 700 else math.inf)
+    return out
 
 
 def _subsample_method(datastore_subsample: float, ratio: float) -> str:
@@ -293,6 +307,11 @@ def _result(
         tokens_short_of_k=int(np.count_nonzero(used < s.k)),
     )
     del metrics["lm_zero_mass"]
+    units = cache.meta.get("units") or {}
+    if units.get("n_words"):
+        parts = {"lm": reported.lm, "knn": knn, "interp": interp, "oracle": scoring.oracle_logprob(reported.lm, knn)}
+        metrics.update(_word_ppl_fields(int(units["n_words"]), parts))
+        metrics["token_unit"] = units.get("token")
     knobs = {
         "split": s.split,
         "key_type": s.key_type,

@@ -1,0 +1,112 @@
+"""A fairseq LM checkpoint as a :class:`~knnlm.models.base_lm.BaseLM`: keys from hooks, data from a data-bin."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from knnlm.datastore.contexts import TokenStream
+from knnlm.datastore.meta import dictionary_fingerprint, sha256_files
+from knnlm.errors import KnnlmError
+from knnlm.models.base_lm import SplitTokens
+from knnlm.models.capture import KeyCapture, key_dim
+from knnlm.models.loading import fairseq_hydra_compat
+
+
+def load_language_model(checkpoint: str | os.PathLike, data: str | os.PathLike) -> tuple[nn.Module, Any]:
+    """Load a fairseq LM checkpoint with its task pointed at ``data`` (the data-bin with dict.txt)."""
+    from fairseq import checkpoint_utils
+
+    checkpoint, data = Path(checkpoint), Path(data)
+    if not checkpoint.is_file():
+        raise KnnlmError(f"checkpoint {checkpoint} does not exist; pass --checkpoint PATH/checkpoint_best.pt")
+    if not (data / "dict.txt").is_file():
+        raise KnnlmError(f"{data / 'dict.txt'} is missing; --data must be a fairseq data-bin folder")
+    with fairseq_hydra_compat():
+        models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task(
+            [str(checkpoint)], arg_overrides={"data": str(data)}
+        )
+    return models[0], task
+
+
+def load_split(data: str | os.PathLike, split: str, dictionary: Any) -> tuple[TokenStream, str]:
+    """The split's token stream and a fingerprint of its binarized files."""
+    from fairseq.data import data_utils
+
+    prefix = Path(data) / split
+    dataset = data_utils.load_indexed_dataset(str(prefix), dictionary)
+    if dataset is None:
+        raise KnnlmError(f"split {split!r} not found under {data} (no {prefix}.bin/.idx); check --split")
+    files = [p for p in (prefix.with_suffix(".idx"), prefix.with_suffix(".bin")) if p.exists()]
+    return TokenStream(dataset, dataset.sizes, dictionary.eos()), sha256_files(files)
+
+
+class FairseqLM:
+    """A fairseq transformer LM and the data-bin whose dictionary it was trained with."""
+
+    def __init__(self, model: nn.Module, task: Any, checkpoint: str, data: str) -> None:
+        self.model = model
+        self.task = task
+        self.checkpoint = checkpoint
+        self.data = data
+        self.dictionary = task.source_dictionary
+        self.pad = self.dictionary.pad()
+        self.vocab_size = len(self.dictionary)
+        positions = model.max_positions()
+        self.max_positions = positions if isinstance(positions, int) else None
+        self._checkpoint_sha: str | None = None
+
+    @classmethod
+    def load(cls, checkpoint: str, data: str) -> FairseqLM:
+        model, task = load_language_model(checkpoint, data)
+        return cls(model, task, checkpoint, data)
+
+    @property
+    def default_tokens_per_sample(self) -> int:
+        """The checkpoint task's ``tokens_per_sample`` (read only when no window length is given)."""
+        cfg = self.task.cfg if getattr(self.task, "cfg", None) is not None else self.task.args
+        return int(cfg.tokens_per_sample)
+
+    def describe(self) -> str:
+        return str(self.checkpoint)
+
+    def source(self) -> dict[str, Any]:
+        if self._checkpoint_sha is None:
+            self._checkpoint_sha = sha256_files([self.checkpoint])
+        return {
+            "checkpoint_sha256": self._checkpoint_sha,
+            "dictionary_sha256": dictionary_fingerprint(self.dictionary),
+            "dictionary_size": len(self.dictionary),
+        }
+
+    def paths(self) -> dict[str, str]:
+        return {"checkpoint": str(Path(self.checkpoint).resolve())}
+
+    def key_dim(self, key_type: str) -> int:
+        return key_dim(self.model.decoder, key_type)
+
+    def load_split(self, data: str | os.PathLike, split: str, words: bool = False) -> SplitTokens:
+        stream, data_sha = load_split(data, split, self.dictionary)
+        return SplitTokens(stream, data_sha)  # tokens are the data-bin's symbols
+
+    def prepare(self, device: torch.device, fp16: bool) -> None:
+        self.model.eval()
+        self.model.to(device)
+        if fp16:
+            self.model.half()
+
+    def capture(self) -> KeyCapture:
+        # always hooks of its own: a model's built-in capture is emptied by the model's forward
+        return KeyCapture(self.model.decoder)
+
+    def features(self, tokens: Tensor) -> None:
+        self.model.decoder.extract_features(tokens, None)
+
+    def target_logprobs(self, tokens: Tensor, rows: Tensor, cols: Tensor, targets: Tensor) -> Tensor:
+        net_output = self.model(tokens)
+        lprobs = self.model.get_normalized_probs(net_output, log_probs=True).float()
+        return lprobs[rows, cols, targets]
