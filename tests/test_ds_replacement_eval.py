@@ -134,3 +134,76 @@ def test_components_refuse_mismatches(setup, tiny_checkpoint, tiny_data_bin, tmp
     with pytest.raises(KnnlmError, match="same folder"):
         score_component(valid, valid, "seed2")
     del test
+
+
+@pytest.fixture(scope="module")
+def stores(tiny_checkpoint, tiny_data_bin, tmp_path_factory):
+    from knnlm.datastore import DatastoreBuildConfig, build_datastore
+
+    root = tmp_path_factory.mktemp("stores")
+    paths = build_datastore(
+        DatastoreBuildConfig(
+            checkpoint=str(tiny_checkpoint), data=str(tiny_data_bin), out=str(root), key_types=["att", "ffn"],
+            tokens_per_sample=TPS, context_window=CW, max_tokens=256, device="cpu",
+        )
+    )
+    return {p.name: p for p in paths}
+
+
+def test_replace_sizes_by_frequency_and_loss(stores, tiny_checkpoint, tiny_data_bin, tmp_path):
+    from knnlm.cli.replace import training_nll
+    from knnlm.datastore import Datastore
+
+    store = Datastore.open(stores["ffn"])
+    vocab = len(open(tiny_data_bin / "dict.txt").readlines()) + 4  # fairseq's four special symbols
+    for by in ("frequency", "loss"):
+        out = tmp_path / f"{by}.npy"
+        run_module(
+            "knnlm.cli.main",
+            ["replace", "sizes", "--datastore", str(stores["ffn"]), "--by", by, "--n", "3", "--data",
+             str(tiny_data_bin), "--checkpoint", str(tiny_checkpoint), "--out", str(out)],
+        )
+        sizes = np.load(out)
+        info = json.loads(out.with_suffix(".json").read_text())
+        assert sizes.shape == (vocab,) and sizes.sum() == 3 * vocab and sizes.min() >= 1
+        assert info["by"] == by and info["rows"] == 3 * vocab
+        counts = np.bincount(np.asarray(store.vals), minlength=vocab)
+        if by == "frequency":
+            top = int(np.argmax(counts))
+            assert sizes[top] == sizes.max() and (sizes[counts <= 1] == 1).all()
+    # the loss is the base LM's NLL: its mean over the datastore is the training-split CE from the same contexts
+    nll = training_nll(store, str(tiny_checkpoint), str(tiny_data_bin), batch=100)
+    assert nll.shape == (store.num_keys,) and np.all(nll > 0)
+    with pytest.raises(KnnlmError, match="ffn datastore"):
+        training_nll(Datastore.open(stores["att"]), str(tiny_checkpoint), str(tiny_data_bin), batch=100)
+
+
+def test_clusters_component_from_a_kmeans_of_the_datastore(stores, setup, tiny_data_bin, tmp_path):
+    from knnlm.datastore import Datastore
+    from knnlm.softmax_alternatives.clusters import load_clusters
+
+    _, caches, _, _ = setup
+    out = tmp_path / "clusters"
+    run_module(
+        "knnlm.cli.main",
+        ["replace", "clusters", "--datastore", str(stores["att"]), "--clusters", "20", "--data", str(tiny_data_bin),
+         "--train-size", "2000", "--niter", "5", "--out", str(out)],
+    )
+    store = Datastore.open(stores["att"])
+    cache = Cache(caches["valid"])
+    centroids, m, meta = load_clusters(out, cache.dict_size)
+    assert 1 <= len(centroids) <= 20 and meta["key_type"] == "att"
+    dense = m.to_dense().numpy()
+    np.testing.assert_allclose(dense.sum(1), 1.0, rtol=1e-5)
+    # brute force: every entry goes to its nearest centroid; M is the per-cluster word histogram
+    keys = np.asarray(store.keys, dtype=np.float32)
+    nearest = ((keys[:, None, :] - centroids.numpy()[None]) ** 2).sum(-1).argmin(1)
+    hist = np.zeros_like(dense)
+    np.add.at(hist, (nearest, np.asarray(store.vals)), 1.0)
+    np.testing.assert_allclose(dense, hist / hist.sum(1, keepdims=True), atol=1e-6)
+    run_module(
+        "knnlm.cli.main", ["eval", "component", "--cache", str(caches["valid"]), "--name", "clusters", "--clusters",
+                           str(out)],
+    )
+    comp, meta = read_component(cache, "clusters")
+    assert meta["knobs"]["kind"] == "clusters" and np.all(comp <= 0)

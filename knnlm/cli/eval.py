@@ -73,6 +73,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     component.add_argument("--data", metavar="DIR", help="data-bin with dict.txt (with --checkpoint)")
     component.add_argument("--lm-cache", metavar="DIR", help="cache of the same split dumped from another LM")
     component.add_argument("--topk", type=int, metavar="K", help="top-k sparsified base LM (Appendix E)")
+    component.add_argument("--clusters", metavar="DIR", help="untrained clustered datastore (`knnlm replace clusters`)")
     component.add_argument("--temperature", type=float, default=1.0, help="τ of --topk (default 1)")
     component.add_argument("--batch", type=int, default=1024, help="queries per forward")
     component.set_defaults(func=_component)
@@ -102,17 +103,32 @@ def _dump(args: argparse.Namespace) -> None:
 
 def _component(args: argparse.Namespace) -> None:
     from knnlm.evaluation.cache import Cache
-    from knnlm.evaluation.components import head_component, lm_component, topk_component, write_component
+    from knnlm.evaluation.components import (
+        clusters_component,
+        head_component,
+        lm_component,
+        topk_component,
+        write_component,
+    )
     from knnlm.scoring import perplexity
 
-    sources = [args.lm_cache is not None, args.topk is not None, args.checkpoint is not None and args.topk is None]
+    sources = [
+        args.lm_cache is not None,
+        args.topk is not None,
+        args.clusters is not None,
+        args.checkpoint is not None and args.topk is None,
+    ]
     if sum(sources) != 1:
-        raise KnnlmError("give exactly one of --checkpoint (replacement), --lm-cache, or --topk K --checkpoint BASE")
+        raise KnnlmError(
+            "give exactly one of --checkpoint (replacement), --lm-cache, --clusters, or --topk K --checkpoint BASE"
+        )
     if args.checkpoint and not args.data:
         raise KnnlmError("--checkpoint needs --data (the data-bin with the dictionary)")
     cache = Cache(args.cache)
     if args.lm_cache:
         logprob, knobs, source = lm_component(cache, Cache(args.lm_cache))
+    elif args.clusters:
+        logprob, knobs, source = clusters_component(cache, args.clusters, args.batch)
     elif args.topk is not None:
         logprob, knobs, source = topk_component(
             cache, args.checkpoint, args.data, args.topk, args.temperature, args.batch

@@ -13,7 +13,7 @@ import sys
 
 from knnlm.errors import KnnlmError
 
-COMMANDS = ["prepare", "datastore", "index", "eval", "score", "report", "analyze"]
+COMMANDS = ["prepare", "datastore", "index", "eval", "score", "replace", "report", "analyze"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -167,6 +167,20 @@ def head_component(cache: Cache, checkpoint: str, data: str, batch: int = 2048) 
     return logprob, knobs, source
 
 
+def clusters_component(cache: Cache, clusters: str, batch: int = 1024) -> tuple[np.ndarray, dict, dict]:
+    """An untrained clustered datastore (k-means centroids and their word mix) over the cached queries."""
+    from knnlm.softmax_alternatives.clusters import load_clusters
+    from knnlm.softmax_alternatives.heads import ClusteredDatastore
+
+    centroids, m, meta = load_clusters(clusters, cache.dict_size)
+    key_type = str(meta.get("key_type", "att"))
+    head = ClusteredDatastore(centroids, m, str(meta.get("similarity", "l2")))
+    logprob = _target_logprobs(head, _queries(cache, key_type), np.asarray(cache.targets), batch)
+    knobs = {"kind": "clusters", "key_type": key_type, "n_clusters": int(len(centroids)), "train_centroids": False,
+             "loss": None, "updates": 0}
+    return logprob, knobs, {"clusters": str(Path(clusters).resolve()), "input": f"cached fp16 query_{key_type}"}
+
+
 def model_cfg_base(cfg) -> str:
     return str(cfg.model.base_checkpoint)
 

@@ -10,6 +10,7 @@ over seeds), write a module with a :class:`TableSpec` (``aggregate_over=("labels
 
 from knnlm.report import ton2022 as _ton2022  # noqa: F401  (registers the tables and figure of Ton et al. 2022)
 from knnlm.report import xu2023  # noqa: F401  (registers the built-in tables and figures)
+from knnlm.report import xu2023_replacements as _xu2023_replacements  # noqa: F401  (Section 4, App. C, E)
 from knnlm.report.figures import FigureSpec, Series, figure_renderer, render_figure
 from knnlm.report.lines import ResultLine, load_results, parse_line, pick, select
 from knnlm.report.registry import RENDERERS, RenderContext, Rendered, Renderer, register

@@ -33,7 +33,11 @@ class ResultLine:
     source: str = ""
 
     def metric(self, name: str) -> Any:
-        return self.metrics.get(name)
+        """A metric by name; ``"a|b"`` is the first of ``a``, ``b`` the line has (rows mixing schemas)."""
+        for part in name.split("|"):
+            if part in self.metrics:
+                return self.metrics[part]
+        return None
 
 
 def flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
