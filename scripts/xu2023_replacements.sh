@@ -174,10 +174,12 @@ for part in $EXPERIMENTS; do
       add_component "learned-att-n1-interp" --checkpoint "$(head_checkpoint att-n1-interp)" --data "$DATA"
       train_head "att-n1-distill" --ds-key att --ds-n 1 --ds-loss distill
       add_component "learned-att-n1-distill" --checkpoint "$(head_checkpoint att-n1-distill)" --data "$DATA"
-      for k in ${TOPK_KS:-1 2 4 8 16 32 64 128 256 512 1024 33280}; do
-        for t in ${TOPK_TEMPS:-1 2 3}; do
-          add_component "topk-k$k-t$t" --topk "$k" --temperature "$t" --checkpoint "$CHECKPOINT" --data "$DATA"
-        done
+      # one pass per split serves every (k, τ); components are named topk-k<k>-t<τ>
+      ks=$(echo "${TOPK_KS:-1 2 4 8 16 32 64 128 256 512 1024 33280}" | tr ' ' ,)
+      temps=$(echo "${TOPK_TEMPS:-1 2 3}" | tr ' ' ,)
+      for split in valid test; do
+        knnlm eval component --cache "$PIPELINE/cache/$split" --name topk --topk "$ks" --temperature "$temps" \
+          --checkpoint "$CHECKPOINT" --data "$DATA"
       done
       if [ -n "${SEED2_CKPT:-}" ]; then add_lm_cache ensemble-seed2 "$SEED2_CKPT"; fi
       overfit=$RUN_DIR/overfit

@@ -46,3 +46,21 @@ def test_fairseq_hydra_train_runs_the_tiny_config(tiny_data_bin, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (save_dir / "checkpoint_last.pt").exists()
     assert "num. shared model params: " in proc.stdout + proc.stderr
+
+
+def test_fairseq_hydra_train_runs_the_ds_replacement_config(tiny_data_bin, tiny_checkpoint, tmp_path):
+    save_dir = tmp_path / "head"
+    cmd = [
+        sys.executable, "-c", "from fairseq_cli.hydra_train import cli_main; cli_main()",
+        "--config-dir", str(CONFIGS), "--config-name", "ds_replacement_wikitext2_small",
+        f"task.data={tiny_data_bin}", f"common.user_dir={Path(knnlm.__file__).parent}",
+        f"model.base_checkpoint={tiny_checkpoint}", "model.ds_n=2", "task.tokens_per_sample=32",
+        f"checkpoint.save_dir={save_dir}", "optimization.max_update=2", f"hydra.run.dir={tmp_path / 'hydra'}",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    import torch
+
+    state = torch.load(save_dir / "checkpoint_last.pt", weights_only=False)
+    assert state["cfg"]["model"]["ds_n"] == 2 and "head.weight" in state["model"]
+    assert not any(k.startswith("base.") for k in state["model"])

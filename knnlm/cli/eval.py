@@ -72,9 +72,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     component.add_argument("--checkpoint", metavar="PT", help="replacement checkpoint, or the base LM with --topk")
     component.add_argument("--data", metavar="DIR", help="data-bin with dict.txt (with --checkpoint)")
     component.add_argument("--lm-cache", metavar="DIR", help="cache of the same split dumped from another LM")
-    component.add_argument("--topk", type=int, metavar="K", help="top-k sparsified base LM (Appendix E)")
+    component.add_argument(
+        "--topk",
+        metavar="K[,K...]",
+        help="top-k sparsified base LM (Appendix E); with several k or τ the components are NAME-k<k>-t<τ>",
+    )
     component.add_argument("--clusters", metavar="DIR", help="untrained clustered datastore (`knnlm replace clusters`)")
-    component.add_argument("--temperature", type=float, default=1.0, help="τ of --topk (default 1)")
+    component.add_argument("--temperature", default="1", metavar="T[,T...]", help="τ of --topk (default 1)")
     component.add_argument("--batch", type=int, default=1024, help="queries per forward")
     component.set_defaults(func=_component)
 
@@ -107,7 +111,7 @@ def _component(args: argparse.Namespace) -> None:
         clusters_component,
         head_component,
         lm_component,
-        topk_component,
+        topk_components,
         write_component,
     )
     from knnlm.scoring import perplexity
@@ -130,9 +134,14 @@ def _component(args: argparse.Namespace) -> None:
     elif args.clusters:
         logprob, knobs, source = clusters_component(cache, args.clusters, args.batch)
     elif args.topk is not None:
-        logprob, knobs, source = topk_component(
-            cache, args.checkpoint, args.data, args.topk, args.temperature, args.batch
-        )
+        ks = [int(x) for x in str(args.topk).split(",")]
+        temps = [float(x) for x in str(args.temperature).split(",")]
+        results = topk_components(cache, args.checkpoint, args.data, ks, temps, args.batch)
+        for (k, t), (logprob, knobs, source) in results.items():
+            name = args.name if len(results) == 1 else f"{args.name}-k{k}-t{t:g}"
+            folder = write_component(cache, name, logprob, knobs, source)
+            print(f"{folder}: component perplexity {perplexity(logprob).ppl:.2f} ({knobs})")
+        return
     else:
         logprob, knobs, source = head_component(cache, args.checkpoint, args.data, args.batch)
     folder = write_component(cache, args.name, logprob, knobs, source)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -203,20 +203,35 @@ def lm_component(cache: Cache, other: Cache) -> tuple[np.ndarray, dict, dict]:
     return np.asarray(other.lm_logprob, dtype=np.float32), {"kind": "lm"}, source
 
 
-def topk_component(
-    cache: Cache, checkpoint: str, data: str, k: int, temperature: float, batch: int = 1024
-) -> tuple[np.ndarray, dict, dict]:
-    """The base LM's distribution masked to its top k words, tempered by τ, from the stored ``query_ffn``."""
+def topk_components(
+    cache: Cache, checkpoint: str, data: str, ks: Sequence[int], temperatures: Sequence[float], batch: int = 1024
+) -> dict[tuple[int, float], tuple[np.ndarray, dict, dict]]:
+    """The base LM's distribution masked to its top k words, tempered by τ, from the stored ``query_ffn``.
+
+    One pass over the queries serves every (k, τ): the full distribution is computed once per batch.
+    """
     from knnlm.softmax_alternatives.base import output_log_probs
     from knnlm.softmax_alternatives.heads import topk_sparsify
 
     if sha256_files([checkpoint]) != cache.checkpoint_fingerprint:
         raise KnnlmError(f"--checkpoint {checkpoint} is not the base LM {cache.path} was dumped from")
     model, _cfg = _load(checkpoint, data)
+    queries, targets = _queries(cache, "ffn"), np.asarray(cache.targets)
+    settings = [(int(k), float(t)) for k in ks for t in temperatures]
+    out = {s: np.empty(len(targets), dtype=np.float32) for s in settings}
+    with torch.no_grad():
+        for start in range(0, len(targets), batch):
+            end = min(len(targets), start + batch)
+            full = output_log_probs(model.decoder, torch.from_numpy(np.asarray(queries[start:end], dtype=np.float32)))
+            idx = torch.from_numpy(np.array(targets[start:end], dtype=np.int64)).unsqueeze(-1)
+            for k, t in settings:
+                out[(k, t)][start:end] = topk_sparsify(full, k, t).gather(-1, idx).squeeze(-1).numpy()
+    source = {"checkpoint": str(Path(checkpoint).resolve()), "input": "cached fp16 query_ffn"}
+    return {(k, t): (out[(k, t)], {"kind": "topk", "k": k, "temperature": t}, source) for k, t in settings}
 
-    def fn(h: torch.Tensor) -> torch.Tensor:
-        return topk_sparsify(output_log_probs(model.decoder, h), k, temperature)
 
-    logprob = _target_logprobs(fn, _queries(cache, "ffn"), np.asarray(cache.targets), batch)
-    knobs = {"kind": "topk", "k": int(k), "temperature": float(temperature)}
-    return logprob, knobs, {"checkpoint": str(Path(checkpoint).resolve()), "input": "cached fp16 query_ffn"}
+def topk_component(
+    cache: Cache, checkpoint: str, data: str, k: int, temperature: float, batch: int = 1024
+) -> tuple[np.ndarray, dict, dict]:
+    """One (k, τ) of :func:`topk_components`."""
+    return topk_components(cache, checkpoint, data, [k], [temperature], batch)[(int(k), float(temperature))]
