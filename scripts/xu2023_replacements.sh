@@ -30,7 +30,8 @@ Environment (lists are space separated):
   MOS_RS        mixture components, default "2 3" (on att and ffn, W_sm frozen and fine-tuned)
   CLUSTER_C     centroids per word (cV), default 1; CLUSTER_TRAIN_SIZE keys for k-means, default 500000
   TOPK_KS       top-k sparsification k, default "1 2 4 8 16 32 64 128 256 512 1024 33280"; TOPK_TEMPS default "1 2 3"
-  SEED2_CKPT    a second LM trained from another seed (ensemble row; skipped if unset)
+  APPENDIX_E    parts of appendix_e, default "interpolated distill topk ensemble overfit"
+  SEED2_CKPT    a second LM trained from another seed (needed by the ensemble part)
   OVERFIT_UPDATES  continue the base LM without dropout for this many updates (default: small 500, paper 20000)
   UPDATES, MAX_TOKENS, LR, EPOCHS   the heads' training budget (see --scale)
 EOF_USAGE
@@ -131,6 +132,11 @@ add_lm_cache() {  # name checkpoint: dump another LM over the same tokens, then 
   SCORED+=("$name")
 }
 
+checkpoint_arch() {  # checkpoint: the --arch it was trained with (for continuing it)
+  python -c "import sys, torch; s = torch.load(sys.argv[1], map_location='cpu', weights_only=False); \
+print(s['cfg']['model']['_name'] if s.get('cfg') else s['args'].arch)" "$1"
+}
+
 SCORED=()
 FFN_STORE=$PIPELINE/datastore/ffn
 ATT_STORE=$PIPELINE/datastore/att
@@ -169,34 +175,46 @@ for part in $EXPERIMENTS; do
       add_component "clusters-att-c$c" --clusters "$clusters"
       train_head "clusters-att-c$c-ft" --ds-kind clusters --ds-key att --ds-clusters "$clusters" --ds-train-centroids
       add_component "clusters-att-c$c-ft" --checkpoint "$(head_checkpoint "clusters-att-c$c-ft")" --data "$DATA" ;;
-    appendix_e)  # Tables 8, 9 and Figure 8
-      train_head "att-n1-interp" --ds-key att --ds-n 1 --ds-loss interpolated --ds-loss-lambda 0.25
-      add_component "learned-att-n1-interp" --checkpoint "$(head_checkpoint att-n1-interp)" --data "$DATA"
-      train_head "att-n1-distill" --ds-key att --ds-n 1 --ds-loss distill
-      add_component "learned-att-n1-distill" --checkpoint "$(head_checkpoint att-n1-distill)" --data "$DATA"
-      # one pass per split serves every (k, τ); components are named topk-k<k>-t<τ>
-      ks=$(echo "${TOPK_KS:-1 2 4 8 16 32 64 128 256 512 1024 33280}" | tr ' ' ,)
-      temps=$(echo "${TOPK_TEMPS:-1 2 3}" | tr ' ' ,)
-      for split in valid test; do
-        knnlm eval component --cache "$PIPELINE/cache/$split" --name topk --topk "$ks" --temperature "$temps" \
-          --checkpoint "$CHECKPOINT" --data "$DATA"
-      done
-      if [ -n "${SEED2_CKPT:-}" ]; then add_lm_cache ensemble-seed2 "$SEED2_CKPT"; fi
-      overfit=$RUN_DIR/overfit
-      if [ ! -f "$overfit/train.done" ]; then
-        mkdir -p "$overfit"
-        step "continue the base LM without dropout for $OVERFIT_UPDATES updates -> $overfit"
-        fairseq-train "$DATA" --user-dir "$PWD/knnlm" --task language_modeling --sample-break-mode none \
-          --tokens-per-sample "$TPS" --restore-file "$CHECKPOINT" --reset-optimizer --reset-dataloader \
-          --reset-meters --reset-lr-scheduler --dropout 0 --attention-dropout 0 --activation-dropout 0 \
-          --optimizer adam --adam-betas '(0.9,0.98)' --lr "$LR" --max-update "$OVERFIT_UPDATES" \
-          --max-tokens "${MAX_TOKENS:-2048}" --seed 1 --num-workers 0 --save-dir "$overfit" \
-          --no-epoch-checkpoints --no-save-optimizer-state --disable-validation --ddp-backend legacy_ddp \
-          --log-format simple --log-interval 50 $([ "$SCALE" = small ] && echo --cpu) >> "$overfit/train.log" 2>&1 \
-          || { tail -n 20 "$overfit/train.log" >&2; die "fairseq-train failed; see $overfit/train.log"; }
-        touch "$overfit/train.done"
-      fi
-      add_lm_cache overfit "$overfit/checkpoint_last.pt" ;;
+    appendix_e)  # Tables 8, 9 and Figure 8; APPENDIX_E picks the parts
+      for what in ${APPENDIX_E:-interpolated distill topk ensemble overfit}; do
+        case $what in
+          interpolated)
+            train_head "att-n1-interp" --ds-key att --ds-n 1 --ds-loss interpolated --ds-loss-lambda 0.25
+            add_component "learned-att-n1-interp" --checkpoint "$(head_checkpoint att-n1-interp)" --data "$DATA" ;;
+          distill)
+            train_head "att-n1-distill" --ds-key att --ds-n 1 --ds-loss distill
+            add_component "learned-att-n1-distill" --checkpoint "$(head_checkpoint att-n1-distill)" --data "$DATA" ;;
+          topk)  # one pass per split serves every (k, τ); components are named topk-k<k>-t<τ>
+            ks=$(echo "${TOPK_KS:-1 2 4 8 16 32 64 128 256 512 1024 33280}" | tr ' ' ,)
+            temps=$(echo "${TOPK_TEMPS:-1 2 3}" | tr ' ' ,)
+            for split in valid test; do
+              knnlm eval component --cache "$PIPELINE/cache/$split" --name topk --topk "$ks" \
+                --temperature "$temps" --checkpoint "$CHECKPOINT" --data "$DATA"
+            done ;;
+          ensemble)
+            [ -n "${SEED2_CKPT:-}" ] || die "APPENDIX_E=ensemble needs SEED2_CKPT (an LM trained from another seed)"
+            add_lm_cache ensemble-seed2 "$SEED2_CKPT" ;;
+          overfit)
+            overfit=$RUN_DIR/overfit
+            if [ ! -f "$overfit/train.done" ]; then
+              mkdir -p "$overfit"
+              step "continue the base LM without dropout for $OVERFIT_UPDATES updates -> $overfit"
+              fairseq-train "$DATA" --user-dir "$PWD/knnlm" --task language_modeling --sample-break-mode none \
+                --tokens-per-sample "$TPS" --arch "$(checkpoint_arch "$CHECKPOINT")" --criterion activation_l2 \
+                --activation-weight 0 --restore-file "$CHECKPOINT" --reset-optimizer --reset-dataloader \
+                --reset-meters --reset-lr-scheduler --dropout 0 --attention-dropout 0 --activation-dropout 0 \
+                --optimizer adam --adam-betas '(0.9,0.98)' --lr "$LR" --max-update "$OVERFIT_UPDATES" \
+                --max-tokens "${MAX_TOKENS:-2048}" --seed 1 --num-workers 0 --save-dir "$overfit" \
+                --no-epoch-checkpoints --no-save-optimizer-state --disable-validation --ddp-backend legacy_ddp \
+                --log-format simple --log-interval 50 $([ "$SCALE" = small ] && echo --cpu) \
+                >> "$overfit/train.log" 2>&1 \
+                || { tail -n 20 "$overfit/train.log" >&2; die "fairseq-train failed; see $overfit/train.log"; }
+              touch "$overfit/train.done"
+            fi
+            add_lm_cache overfit "$overfit/checkpoint_last.pt" ;;
+          *) die "unknown part '$what' in APPENDIX_E" ;;
+        esac
+      done ;;
     *) die "unknown experiment '$part' in EXPERIMENTS" ;;
   esac
 done
