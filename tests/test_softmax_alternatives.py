@@ -161,3 +161,17 @@ def test_topk_sparsify_keeps_k_words_and_renormalises():
     torch.testing.assert_close(out.exp().sum(-1), torch.ones(3), rtol=1e-6, atol=1e-6)
     top, idx = lp.topk(3, -1)
     torch.testing.assert_close(out.gather(-1, idx).double(), torch.log_softmax(top / 2.0, -1), rtol=1e-5, atol=1e-6)
+
+
+def test_half_precision_heads_return_fp32_distributions():
+    """Under --fp16 the weights are half: matmuls run in half, softmax and aggregation in fp32."""
+    torch.manual_seed(0)
+    heads = [
+        LearnedDatastore(8, 5, uniform_row_word(5, 2)).half(),
+        MixtureOfSoftmaxes(8, 5, 2, torch.randn(5, 8)).half(),
+    ]
+    for head in heads:
+        for h in (torch.randn(3, 8).half(), torch.randn(3, 8)):
+            lp = head(h)
+            assert lp.dtype == torch.float32
+            torch.testing.assert_close(lp.exp().sum(-1), torch.ones(3), rtol=1e-3, atol=1e-3)

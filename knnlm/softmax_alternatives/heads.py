@@ -75,7 +75,8 @@ class LearnedDatastore(nn.Module):
         return self.weight.shape[0]
 
     def forward(self, h: Tensor) -> Tensor:
-        logits = F.linear(_at_least_fp32(h), self.weight, self.bias)
+        # matmul in the weights' dtype (fp16 under --fp16), softmax and aggregation in at least fp32
+        logits = _at_least_fp32(F.linear(h.to(self.weight.dtype), self.weight, self.bias))
         return aggregate_log_softmax(logits, self.row_word, self.vocab_size)
 
 
@@ -105,12 +106,13 @@ class MixtureOfSoftmaxes(nn.Module):
 
     def mixture_log_weights(self, h: Tensor) -> Tensor:
         """log π(h) ``[..., R]``: the context-dependent mixture weights (they sum to one)."""
-        return torch.log_softmax(self.prior(_at_least_fp32(h)), dim=-1)
+        return torch.log_softmax(_at_least_fp32(self.prior(h.to(self.prior.weight.dtype))), dim=-1)
 
     def forward(self, h: Tensor) -> Tensor:
-        h = _at_least_fp32(h)
+        h = h.to(self.prior.weight.dtype)
         contexts = torch.tanh(self.latent(h)).unflatten(-1, (self.components, self.dim))
-        per_component = torch.log_softmax(F.linear(contexts, self.output_weight, self.output_bias), dim=-1)
+        logits = _at_least_fp32(F.linear(contexts, self.output_weight, self.output_bias))
+        per_component = torch.log_softmax(logits, dim=-1)
         return torch.logsumexp(self.mixture_log_weights(h).unsqueeze(-1) + per_component, dim=-2)
 
 
@@ -140,7 +142,7 @@ class ClusteredDatastore(nn.Module):
         self.register_buffer("word_cluster", cluster_word.detach().float().t().coalesce(), persistent=False)
 
     def scores(self, h: Tensor) -> Tensor:
-        h = _at_least_fp32(h)
+        h = h.to(self.centroids.dtype)
         if self.similarity == "ip":
             return h @ self.centroids.t()
         sq = (h * h).sum(-1, keepdim=True) - 2 * h @ self.centroids.t() + (self.centroids**2).sum(-1)
@@ -148,8 +150,8 @@ class ClusteredDatastore(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:
         lead = h.shape[:-1]
-        probs = torch.softmax(self.scores(h.reshape(-1, h.shape[-1])), dim=-1)
-        word_probs = torch.sparse.mm(self.word_cluster, probs.t()).t()
+        probs = torch.softmax(_at_least_fp32(self.scores(h.reshape(-1, h.shape[-1]))), dim=-1)
+        word_probs = torch.sparse.mm(self.word_cluster.to(probs.dtype), probs.t()).t()
         return torch.log(word_probs).reshape(*lead, self.vocab_size)
 
 
