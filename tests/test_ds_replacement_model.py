@@ -131,3 +131,37 @@ def test_fairseq_train_then_load_keeps_the_checkpoint_head_only(tiny_checkpoint,
     loaded, fresh = model.base.state_dict(), base.state_dict()
     assert loaded.keys() == fresh.keys() and all(torch.equal(loaded[k], fresh[k]) for k in fresh)
     torch.testing.assert_close(model.head.weight, state["model"]["head.weight"])
+
+
+def test_mos_and_cluster_heads_build_on_the_frozen_base(base_task, tiny_checkpoint, tmp_path):
+    import numpy as np
+
+    from knnlm.errors import KnnlmError
+    from knnlm.softmax_alternatives.clusters import save_clusters
+
+    _, task = base_task
+    vocab = len(task.target_dictionary)
+    sample = _sample(task)
+    for train_output in (False, True):
+        model = _build(task, tiny_checkpoint, ds_kind="mos", ds_key="ffn", mos_components=3,
+                       mos_train_output=train_output)
+        lp = model(**sample["net_input"])[0]
+        torch.testing.assert_close(lp.exp().sum(-1), torch.ones(lp.shape[:-1]), rtol=1e-4, atol=1e-4)
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert ("head.output_weight" in trainable) == train_output
+        assert all(n.startswith("head.") for n in trainable)
+    dim = model.base.decoder.layers[-1].fc1.in_features
+    rng = np.random.default_rng(0)
+    rows = np.arange(6).repeat(2)
+    cols = rng.integers(4, vocab, size=12)
+    save_clusters(tmp_path / "c", rng.normal(size=(6, dim)).astype(np.float32), rows, cols, np.full(12, 0.5),
+                  {"vocab_size": vocab, "key_type": "att", "similarity": "l2"})
+    model = _build(task, tiny_checkpoint, ds_kind="clusters", ds_key="att", ds_clusters=str(tmp_path / "c"),
+                   ds_train_centroids=True)
+    lp = model(**sample["net_input"])[0]
+    torch.testing.assert_close(lp.exp().sum(-1), torch.ones(lp.shape[:-1]), rtol=1e-4, atol=1e-4)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["head.centroids"]
+    with pytest.raises(KnnlmError, match="--ds-key ffn"):
+        _build(task, tiny_checkpoint, ds_kind="clusters", ds_key="ffn", ds_clusters=str(tmp_path / "c"))
+    with pytest.raises(KnnlmError, match="--base-checkpoint"):
+        _build(task, tmp_path / "missing.pt")
