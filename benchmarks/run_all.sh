@@ -14,6 +14,7 @@ BENCHMARKS=(
   "bench_datastore.py --threads $THREADS"
   "bench_search.py --threads $THREADS"
   "bench_eval.py --threads $THREADS"
+  "bench_replacements.py --threads $THREADS"
 )
 
 names=" ${BENCHMARKS[*]%% *} "
