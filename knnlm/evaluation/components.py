@@ -162,6 +162,8 @@ def head_component(cache: Cache, checkpoint: str, data: str, batch: int = 2048) 
     if knobs["loss"] == "interpolated":
         knobs["loss_lambda"] = float(crit.ds_loss_lambda)
     knobs["updates"] = _num_updates(checkpoint)
+    knobs["lr"] = float(list(cfg.optimization.lr)[0])
+    knobs["max_tokens"] = cfg.dataset.max_tokens
     logprob = _target_logprobs(model.head, _queries(cache, model.key_type), np.asarray(cache.targets), batch)
     source = {"checkpoint": str(Path(checkpoint).resolve()), "input": f"cached fp16 query_{model.key_type}"}
     return logprob, knobs, source
