@@ -175,3 +175,17 @@ def test_half_precision_heads_return_fp32_distributions():
             lp = head(h)
             assert lp.dtype == torch.float32
             torch.testing.assert_close(lp.exp().sum(-1), torch.ones(3), rtol=1e-3, atol=1e-3)
+
+
+def test_topk_for_many_settings_from_one_sort_equals_topk_sparsify():
+    from knnlm.softmax_alternatives.heads import topk_target_logprobs
+
+    torch.manual_seed(1)
+    lp = torch.log_softmax(torch.randn(50, 40, dtype=torch.float64) * 2, -1)
+    target = torch.randint(0, 40, (50,))
+    ks, temps = [1, 3, 10, 40, 100], [1.0, 2.5]
+    got = topk_target_logprobs(lp, target, ks, temps)
+    for k in ks:
+        for t in temps:
+            expected = topk_sparsify(lp, k, t).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+            torch.testing.assert_close(got[(k, t)], expected.float(), rtol=1e-5, atol=1e-5)

@@ -213,21 +213,22 @@ def topk_components(
     One pass over the queries serves every (k, τ): the full distribution is computed once per batch.
     """
     from knnlm.softmax_alternatives.base import output_log_probs
-    from knnlm.softmax_alternatives.heads import topk_sparsify
+    from knnlm.softmax_alternatives.heads import topk_target_logprobs
 
     if sha256_files([checkpoint]) != cache.checkpoint_fingerprint:
         raise KnnlmError(f"--checkpoint {checkpoint} is not the base LM {cache.path} was dumped from")
     model, _cfg = _load(checkpoint, data)
     queries, targets = _queries(cache, "ffn"), np.asarray(cache.targets)
-    settings = [(int(k), float(t)) for k in ks for t in temperatures]
+    ks, temps = [int(k) for k in ks], [float(t) for t in temperatures]
+    settings = [(k, t) for k in ks for t in temps]
     out = {s: np.empty(len(targets), dtype=np.float32) for s in settings}
     with torch.no_grad():
         for start in range(0, len(targets), batch):
             end = min(len(targets), start + batch)
             full = output_log_probs(model.decoder, torch.from_numpy(np.asarray(queries[start:end], dtype=np.float32)))
-            idx = torch.from_numpy(np.array(targets[start:end], dtype=np.int64)).unsqueeze(-1)
-            for k, t in settings:
-                out[(k, t)][start:end] = topk_sparsify(full, k, t).gather(-1, idx).squeeze(-1).numpy()
+            target = torch.from_numpy(np.array(targets[start:end], dtype=np.int64))
+            for setting, values in topk_target_logprobs(full, target, ks, temps).items():
+                out[setting][start:end] = values.numpy()
     source = {"checkpoint": str(Path(checkpoint).resolve()), "input": "cached fp16 query_ffn"}
     return {(k, t): (out[(k, t)], {"kind": "topk", "k": k, "temperature": t}, source) for k, t in settings}
 

@@ -169,3 +169,31 @@ def topk_sparsify(log_probs: Tensor, k: int, temperature: float = 1.0) -> Tensor
     top, idx = log_probs.float().topk(k, dim=-1)
     kept = torch.log_softmax(top / temperature, dim=-1)
     return torch.full_like(log_probs, float("-inf"), dtype=torch.float32).scatter(-1, idx, kept)
+
+
+def topk_target_logprobs(
+    log_probs: Tensor, target: Tensor, ks: list[int], temperatures: list[float]
+) -> dict[tuple[int, float], Tensor]:
+    """``topk_sparsify(log_probs, k, τ)[target]`` for every (k, τ) from one sort.
+
+    Sorted descending, the kept words of top-k are the first k; the normaliser of
+    each k is a running logsumexp of the sorted values divided by τ. A target is
+    kept when fewer than k words have a larger log-probability.
+    """
+    lp = log_probs.float()
+    width = lp.shape[-1]
+    sorted_lp = lp.sort(dim=-1, descending=True).values
+    target_lp = lp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    rank = (lp > target_lp.unsqueeze(-1)).sum(-1)
+    out: dict[tuple[int, float], Tensor] = {}
+    for t in temperatures:
+        if not t > 0:
+            raise ValueError(f"temperature must be > 0, got {t}")
+        running = torch.logcumsumexp(sorted_lp / t, dim=-1)
+        for k in ks:
+            if k < 1:
+                raise ValueError(f"k must be >= 1, got {k}")
+            kk = min(k, width)
+            kept = target_lp / t - running[..., kk - 1]
+            out[(k, t)] = torch.where(rank < kk, kept, torch.full_like(kept, float("-inf")))
+    return out
