@@ -42,9 +42,13 @@ def uniform_n(row_word: Tensor, vocab_size: int) -> int | None:
     return n if torch.equal(row_word, expected) else None
 
 
-def grouped_logsumexp(logits: Tensor, row_word: Tensor, vocab_size: int) -> Tensor:
-    """``out[..., w] = log Σ_{r: row_word[r]=w} exp(logits[..., r])``; ``-inf`` for a word without rows."""
-    n = uniform_n(row_word, vocab_size)
+def grouped_logsumexp(logits: Tensor, row_word: Tensor, vocab_size: int, n: int | None = None) -> Tensor:
+    """``out[..., w] = log Σ_{r: row_word[r]=w} exp(logits[..., r])``; ``-inf`` for a word without rows.
+
+    ``n``: the layout's copies when known to be uniform (skips checking ``row_word``).
+    """
+    if n is None:
+        n = uniform_n(row_word, vocab_size)
     if n is not None:
         return logits.unflatten(-1, (n, vocab_size)).logsumexp(dim=-2)
     lead = logits.shape[:-1]
@@ -58,6 +62,16 @@ def grouped_logsumexp(logits: Tensor, row_word: Tensor, vocab_size: int) -> Tens
     return out.reshape(*lead, vocab_size)
 
 
-def aggregate_log_softmax(logits: Tensor, row_word: Tensor, vocab_size: int) -> Tensor:
-    """``log (M · softmax(logits))``: word log-probabilities from row logits (sums to one over words)."""
-    return grouped_logsumexp(logits, row_word, vocab_size) - logits.logsumexp(dim=-1, keepdim=True)
+def aggregate_log_softmax(logits: Tensor, row_word: Tensor, vocab_size: int, n: int | None = None) -> Tensor:
+    """``log (M · softmax(logits))``: word log-probabilities from row logits (sums to one over words).
+
+    The normaliser over all rows is the logsumexp of the per-word ones (every row
+    belongs to a word), so it costs V, not R, operations; one row per word is a
+    plain log-softmax.
+    """
+    if n is None:
+        n = uniform_n(row_word, vocab_size)
+    if n == 1:
+        return torch.log_softmax(logits, dim=-1)
+    words = grouped_logsumexp(logits, row_word, vocab_size, n)
+    return words - words.logsumexp(dim=-1, keepdim=True)

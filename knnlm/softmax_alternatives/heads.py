@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from knnlm.softmax_alternatives.aggregation import aggregate_log_softmax
+from knnlm.softmax_alternatives.aggregation import aggregate_log_softmax, uniform_n
 
 SIMILARITIES = ("ip", "l2")
 
@@ -54,6 +54,7 @@ class LearnedDatastore(nn.Module):
             raise ValueError(f"row_word must map every row to a word in [0, {vocab_size})")
         self.vocab_size = vocab_size
         self.register_buffer("row_word", row_word, persistent=True)
+        self.uniform_n = uniform_n(row_word, vocab_size)  # fast path of the aggregation
         generator = torch.Generator().manual_seed(seed)
         rows = row_word.numel()
         if init_weight is None:
@@ -77,7 +78,7 @@ class LearnedDatastore(nn.Module):
     def forward(self, h: Tensor) -> Tensor:
         # matmul in the weights' dtype (fp16 under --fp16), softmax and aggregation in at least fp32
         logits = _at_least_fp32(F.linear(h.to(self.weight.dtype), self.weight, self.bias))
-        return aggregate_log_softmax(logits, self.row_word, self.vocab_size)
+        return aggregate_log_softmax(logits, self.row_word, self.vocab_size, self.uniform_n)
 
 
 class MixtureOfSoftmaxes(nn.Module):
