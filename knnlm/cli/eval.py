@@ -112,9 +112,7 @@ def _component(args: argparse.Namespace) -> None:
         head_component,
         lm_component,
         topk_components,
-        write_component,
     )
-    from knnlm.scoring import perplexity
 
     sources = [
         args.lm_cache is not None,
@@ -139,12 +137,18 @@ def _component(args: argparse.Namespace) -> None:
         results = topk_components(cache, args.checkpoint, args.data, ks, temps, args.batch)
         for (k, t), (logprob, knobs, source) in results.items():
             name = args.name if len(results) == 1 else f"{args.name}-k{k}-t{t:g}"
-            folder = write_component(cache, name, logprob, knobs, source)
-            print(f"{folder}: component perplexity {perplexity(logprob).ppl:.2f} ({knobs})")
+            _write_component(cache, name, logprob, knobs, source)
         return
     else:
         logprob, knobs, source = head_component(cache, args.checkpoint, args.data, args.batch)
-    folder = write_component(cache, args.name, logprob, knobs, source)
+    _write_component(cache, args.name, logprob, knobs, source)
+
+
+def _write_component(cache, name: str, logprob: np.ndarray, knobs: dict, source: dict) -> None:
+    from knnlm.evaluation.components import write_component
+    from knnlm.scoring import perplexity
+
+    folder = write_component(cache, name, logprob, knobs, source)
     print(f"{folder}: component perplexity {perplexity(logprob).ppl:.2f} ({knobs})")
 
 
