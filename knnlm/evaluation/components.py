@@ -115,6 +115,7 @@ def _target_logprobs(fn, queries: np.ndarray, targets: np.ndarray, batch: int) -
 
 
 def _load(checkpoint: str, data: str):
+    """(model in eval mode, its config, updates it was trained for), reading the checkpoint file once."""
     from fairseq import checkpoint_utils
 
     from knnlm.models.loading import fairseq_hydra_compat
@@ -122,8 +123,10 @@ def _load(checkpoint: str, data: str):
     if not Path(checkpoint).is_file():
         raise KnnlmError(f"--checkpoint {checkpoint} does not exist")
     with fairseq_hydra_compat():
-        models, cfg, _task = checkpoint_utils.load_model_ensemble_and_task([checkpoint], arg_overrides={"data": data})
-    return models[0].eval(), cfg
+        state = checkpoint_utils.load_checkpoint_to_cpu(checkpoint, {"data": data})
+        num_updates = (state.get("optimizer_history") or [{}])[-1].get("num_updates")
+        models, cfg, _task = checkpoint_utils.load_model_ensemble_and_task([checkpoint], state=state)
+    return models[0].eval(), cfg, num_updates
 
 
 def _sizes_knobs(sizes_path: str) -> dict[str, Any]:
@@ -136,12 +139,13 @@ def head_component(cache: Cache, checkpoint: str, data: str, batch: int = 2048) 
     """Target log-probs of a ``knnlm_ds_replacement`` head over the cache's stored queries."""
     from knnlm.softmax_alternatives.model import DatastoreReplacementLM
 
-    model, cfg = _load(checkpoint, data)
+    model, cfg, num_updates = _load(checkpoint, data)
     if not isinstance(model, DatastoreReplacementLM):
         raise KnnlmError(f"{checkpoint} is not a --arch knnlm_ds_replacement checkpoint; use --lm-cache for an LM")
-    if sha256_files([model_cfg_base(cfg)]) != cache.checkpoint_fingerprint:
+    base = str(cfg.model.base_checkpoint)
+    if sha256_files([base]) != cache.checkpoint_fingerprint:
         raise KnnlmError(
-            f"{checkpoint} was trained on base {model_cfg_base(cfg)}, but {cache.path} was dumped from another "
+            f"{checkpoint} was trained on base {base}, but {cache.path} was dumped from another "
             f"checkpoint; dump the cache from that base LM"
         )
     if model.head_dict_size() != cache.dict_size:
@@ -161,7 +165,7 @@ def head_component(cache: Cache, checkpoint: str, data: str, batch: int = 2048) 
     knobs["loss"] = str(getattr(crit, "ds_loss", "ce"))
     if knobs["loss"] == "interpolated":
         knobs["loss_lambda"] = float(crit.ds_loss_lambda)
-    knobs["updates"] = _num_updates(checkpoint)
+    knobs["updates"] = num_updates
     knobs["lr"] = float(list(cfg.optimization.lr)[0])
     knobs["max_tokens"] = cfg.dataset.max_tokens
     logprob = _target_logprobs(model.head, _queries(cache, model.key_type), np.asarray(cache.targets), batch)
@@ -181,15 +185,6 @@ def clusters_component(cache: Cache, clusters: str, batch: int = 1024) -> tuple[
     knobs = {"kind": "clusters", "key_type": key_type, "n_clusters": int(len(centroids)), "train_centroids": False,
              "loss": None, "updates": 0}
     return logprob, knobs, {"clusters": str(Path(clusters).resolve()), "input": f"cached fp16 query_{key_type}"}
-
-
-def model_cfg_base(cfg) -> str:
-    return str(cfg.model.base_checkpoint)
-
-
-def _num_updates(checkpoint: str) -> int | None:
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    return (state.get("optimizer_history") or [{}])[-1].get("num_updates")
 
 
 def lm_component(cache: Cache, other: Cache) -> tuple[np.ndarray, dict, dict]:
@@ -217,7 +212,7 @@ def topk_components(
 
     if sha256_files([checkpoint]) != cache.checkpoint_fingerprint:
         raise KnnlmError(f"--checkpoint {checkpoint} is not the base LM {cache.path} was dumped from")
-    model, _cfg = _load(checkpoint, data)
+    model, _cfg, _updates = _load(checkpoint, data)
     queries, targets = _queries(cache, "ffn"), np.asarray(cache.targets)
     ks, temps = [int(k) for k in ks], [float(t) for t in temperatures]
     settings = [(k, t) for k in ks for t in temps]
