@@ -116,17 +116,18 @@ def test_padding_is_masked(task):
     src[src.eq(pad)] = 7
     loss, size2, _ = ActivationL2Criterion(task, OMEGA)(model, other)
     assert size == size2 == sample["ntokens"]
-    torch.testing.assert_close(loss, base, rtol=1e-12, atol=0)
+    torch.testing.assert_close(loss, base, rtol=1e-6, atol=0)
 
 
 def test_same_batch_twice_gives_the_same_per_token_loss(task):
+    # fp32 sums over another batch layout run in another BLAS reduction order: equal to ~1e-7, not bitwise
     model, sample = build_lm(task), make_sample(task)
     criterion = ActivationL2Criterion(task, OMEGA)
     one, size1, log1 = criterion(model, sample)
     two, size2, log2 = criterion(model, duplicate(sample))
     assert size2 == 2 * size1
-    torch.testing.assert_close(two / size2, one / size1, rtol=1e-12, atol=0)
-    torch.testing.assert_close(log2["penalty"] / size2, log1["penalty"] / size1, rtol=1e-12, atol=0)
+    torch.testing.assert_close(two / size2, one / size1, rtol=1e-6, atol=0)
+    torch.testing.assert_close(log2["penalty"] / size2, log1["penalty"] / size1, rtol=1e-6, atol=0)
 
 
 def test_sentence_avg_divides_by_sentences(task):

@@ -233,10 +233,11 @@ def test_zero_queue_with_l_filled_slots_is_activation_l2_with_l_times_the_weight
     criterion.queues.count.fill_(3)
     model.eval()
     loss = criterion(model, sample)[0]
-    torch.testing.assert_close(loss, ActivationL2Criterion(task, 3 * OMEGA)(model, sample)[0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(loss, ActivationL2Criterion(task, 3 * OMEGA)(model, sample)[0], rtol=1e-6, atol=0)
 
 
 def test_same_batch_twice_gives_the_same_per_token_loss(task):
+    # fp32 sums over another batch layout run in another BLAS reduction order: equal to ~1e-7, not bitwise
     model, sample = build_lm(task), make_sample(task)
     criterion = bound(task, model)
     fill_randomly(criterion, sample["target"].reshape(-1))
@@ -244,7 +245,7 @@ def test_same_batch_twice_gives_the_same_per_token_loss(task):
     one, size1, _ = criterion(model, sample)
     two, size2, _ = criterion(model, duplicate(sample))
     assert size2 == 2 * size1
-    torch.testing.assert_close(two / size2, one / size1, rtol=1e-12, atol=0)
+    torch.testing.assert_close(two / size2, one / size1, rtol=1e-6, atol=0)
 
 
 # -- momentum encoder and queue updates ---------------------------------------------------------
