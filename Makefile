@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 # on a GPU machine use e.g. `make install TORCH=torch GPU=1`.
 TORCH ?= torch==2.13.0
 GPU ?= 0
+FAIRSEQ := $(shell $(PYTHON) -c 'import sys; print("fairseq-fixed==0.12.3.1" if sys.version_info >= (3, 11) else "fairseq==0.12.2")')
 
 .PHONY: install demo test lint bench clean-demo
 
@@ -14,7 +15,11 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet '$(TORCH)'
+	$(BIN)/pip install --quiet '$(TORCH)' 'setuptools>=64' wheel cython 'numpy>=1.24'
+	# fairseq-fixed ships only a source archive whose C++ extensions build against torch: built in
+	# an isolated environment, pip would first fetch a multi-GB CUDA torch there (most of the install
+	# time); built here, it uses the torch just installed
+	$(BIN)/pip install --quiet --no-build-isolation $(FAIRSEQ)
 	$(BIN)/pip install --quiet -e '.[dev]'
 ifeq ($(GPU),1)
 	# faiss-gpu and faiss-cpu install the same `faiss` module: keep only the GPU one

@@ -54,11 +54,12 @@ baevski_auli_args() {  # arch max-update warmup per-gpu-batches: Baevski & Auli 
 
 set_train_args() {  # recipe: fills TRAIN_ARGS for small | wiki2 | wiki103
   case $1 in
-    small)  # CPU-sized; EPOCHS (default 1) passes over WikiText-2
+    small)  # CPU-sized; trained until the validation loss stops improving for PATIENCE (default 3)
+            # epochs in a row, at most EPOCHS (default 60) passes over WikiText-2
       TRAIN_ARGS=(--arch knnlm_transformer_lm_small --tokens-per-sample 256 --max-tokens 4096
         --optimizer adam --adam-betas '(0.9,0.98)' --clip-norm 0.1 --lr 0.001
         --lr-scheduler inverse_sqrt --warmup-updates 500 --warmup-init-lr 1e-07
-        --max-epoch "${EPOCHS:-1}" --cpu --num-workers 0) ;;
+        --max-epoch "${EPOCHS:-60}" --patience "${PATIENCE:-3}" --cpu --num-workers 0) ;;
     wiki103)  # 286K updates of 8 GPUs x 3 x 3072 tokens (Baevski & Auli 2019; Khandelwal et al. 2020)
       baevski_auli_args knnlm_transformer_lm_wiki103 286000 16000 24 ;;
     wiki2)  # not given by Ton et al.: the same recipe, shortened to WikiText-2's size (3 x 3072 tokens
@@ -68,25 +69,39 @@ set_train_args() {  # recipe: fills TRAIN_ARGS for small | wiki2 | wiki103
   esac
 }
 
-train_lm() {  # recipe data save-dir omega seed [fairseq-train options...]: train once, then reuse
-  local recipe=$1 data=$2 dir=$3 omega=$4 seed=$5
-  shift 5
+train_lm() {  # recipe data save-dir omega seed criterion [fairseq-train options...]: train once, then reuse
+  local recipe=$1 data=$2 dir=$3 omega=$4 seed=$5 criterion=$6 t0=$SECONDS
+  shift 6
   if [ -f "$dir/train.done" ] && [ -f "$dir/checkpoint_best.pt" ]; then
     echo "reusing $dir/checkpoint_best.pt (delete $dir/train.done to train again)"
     return 0
   fi
   set_train_args "$recipe"
   mkdir -p "$dir"
-  step "train $recipe, ω=$omega, seed $seed -> $dir (log: $dir/train.log)"
+  step "train $recipe, $criterion ω=$omega, seed $seed -> $dir (log: $dir/train.log)"
   # an interrupted run resumes from checkpoint_last.pt (fairseq's own restart); the log is appended to
   fairseq-train "$data" --user-dir "$PWD/knnlm" --task language_modeling --sample-break-mode none \
-    --criterion activation_l2 --activation-weight "$omega" --knn-key att --ddp-backend legacy_ddp \
+    --criterion "$criterion" --activation-weight "$omega" --knn-key att --ddp-backend legacy_ddp \
     --seed "$seed" --save-dir "$dir" --no-epoch-checkpoints --log-format simple --log-interval 100 \
     "${TRAIN_ARGS[@]}" "$@" >> "$dir/train.log" 2>&1 \
     || { tail -n 20 "$dir/train.log" >&2; die "fairseq-train failed; see $dir/train.log"; }
+  # wall-clock seconds of every sitting, summed by train_seconds
+  echo $((SECONDS - t0)) >> "$dir/train.seconds"
   [ -f "$dir/checkpoint_best.pt" ] || die "no $dir/checkpoint_best.pt after training (validation disabled?)"
   grep -F -e '| train |' -e '| valid |' "$dir/train.log" | tail -n 2 || true
   touch "$dir/train.done"
+}
+
+train_seconds() {  # save-dir: wall-clock seconds its training took over all sittings (empty if unknown)
+  [ -f "$1/train.seconds" ] && awk '{s += $1} END {print s}' "$1/train.seconds"
+  return 0
+}
+
+best_valid() {  # fairseq-log: "EPOCH PPL" of the end-of-epoch validation with the lowest loss, or nothing
+  [ -f "$1" ] || return 0
+  grep -F '| valid |' "$1" | grep -F 'best_loss' \
+    | sed -n 's/.*epoch \([0-9]*\) .*| loss \([0-9.]*\) .*| ppl \([0-9.]*\) .*/\2 \1 \3/p' \
+    | sort -g | head -n 1 | cut -d' ' -f2,3
 }
 
 train_ppl() {  # fairseq-log: ppl of the last end-of-epoch "| train |" line (2^loss with loss in bits), or nothing

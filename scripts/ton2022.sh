@@ -10,42 +10,54 @@ usage() {
 Usage: scripts/ton2022.sh --scale small|paper [options]
 
 Reproduce Tables 1-2 and Figure 1 of Ton et al. (2022): one model per ω and seed trained with
---criterion activation_l2 --activation-weight ω --knn-key att, each evaluated as a kNN-LM
-(att keys, L2, k=1024, valid split, λ=0.3 and tuned), then mean ± std over seeds per ω.
+--criterion activation_l2 --activation-weight ω --knn-key att (ω = 0 is the baseline, so every model
+has the same exact cross-entropy), plus the Eq. 1 row (--criterion moco_queue), each evaluated as a
+kNN-LM (att keys, L2, k=1024, valid split, λ=0.3 and tuned), then mean ± std over seeds per ω.
 
 Scales:
-  small   CPU: WikiText-2 (word level), knnlm_transformer_lm_small, EPOCHS (default 1) epochs,
-          first EVAL_LIMIT (default 50000) tokens of valid/test. Defaults: --omegas "0 1 10" --seeds "1".
+  small   CPU: WikiText-2 (word level), knnlm_transformer_lm_small trained until the validation loss
+          has not improved for PATIENCE (default 3) epochs (at most EPOCHS, default 60), full valid
+          and test splits (EVAL_LIMIT to cut them). Default models, in this order: ω ∈ {0, 1} × seeds
+          {1, 2, 3}, ω ∈ {0.1, 10} × seed 1, moco_queue ω = 1 × seed 1.
   paper   GPU: WikiText-2 with knnlm_transformer_lm_wiki2 (Table 1) and WikiText-103 with
           knnlm_transformer_lm_wiki103 (Table 2), Baevski & Auli's recipe (see scripts/lib.sh),
           IVF4096,PQ64 indexes. Defaults: --omegas "0 0.1 1 2 5 10" --seeds "1 2 3 4 5".
 
 Options:
   --scale small|paper   required
-  --omegas "W ..."      regularization weights ω (space-separated)
+  --omegas "W ..."      regularization weights ω (space-separated); with --seeds: their cross product
   --seeds "S ..."       training seeds
+  --moco                also train the Eq. 1 model (moco_queue, ω = 1, first seed); default at small scale
+  --no-moco             leave it out
   --datasets "D ..."    paper scale only: wikitext-2 and/or wikitext-103 (default: both)
   --from DIR|ZIP        offline WikiText copy for `knnlm prepare` (one dataset only)
   --out DIR             report folder (default results/ton2022-<scale>)
   -h, --help            this text
 
-Outputs: checkpoints/ton2022-<scale>/<dataset>/w<ω>-s<seed>/ (train.log, checkpoint_best.pt),
-runs/ton2022-<scale>/<dataset>/w<ω>-s<seed>/ (pipeline), <out>/results.jsonl and <out>/report.md.
-Environment: EPOCHS, EVAL_LIMIT, GPUS (paper: GPUs per training; default all that nvidia-smi lists),
-WIKI2_MAX_UPDATE/WIKI2_WARMUP (paper WikiText-2 schedule), and the variables of scripts/knnlm_pipeline.sh.
+Every finished model is skipped on a rerun and an interrupted training resumes from its
+checkpoint_last.pt, so the set can be completed over several sittings; the report is rendered from
+the models finished so far, and each one's result lines are kept in <out>/models/<name>.jsonl.
+
+Outputs: checkpoints/ton2022-<scale>/<dataset>/<name>/ (train.log, checkpoint_best.pt, train.seconds),
+runs/ton2022-<scale>/<dataset>/<name>/ (pipeline), <out>/results.jsonl, <out>/training.tsv, <out>/report.md.
+Environment: EPOCHS, PATIENCE, EVAL_LIMIT, GPUS (paper: GPUs per training; default all that nvidia-smi
+lists), WIKI2_MAX_UPDATE/WIKI2_WARMUP (paper WikiText-2 schedule), and the variables of
+scripts/knnlm_pipeline.sh.
 EOF
 }
 
 # shellcheck source=scripts/lib.sh
 source "$(dirname "$0")/lib.sh"
 
-SCALE='' OMEGAS='' SEEDS='' DATASETS='' FROM='' OUT_DIR=''
+SCALE='' OMEGAS='' SEEDS='' DATASETS='' FROM='' OUT_DIR='' MOCO=''
 while [ $# -gt 0 ]; do
   case $1 in
     -h | --help) usage; exit 0 ;;
     --scale) need_value "$1" $#; SCALE=$2; shift 2 ;;
     --omegas) need_value "$1" $#; OMEGAS=$2; shift 2 ;;
     --seeds) need_value "$1" $#; SEEDS=$2; shift 2 ;;
+    --moco) MOCO=1; shift ;;
+    --no-moco) MOCO=0; shift ;;
     --datasets) need_value "$1" $#; DATASETS=$2; shift 2 ;;
     --from) need_value "$1" $#; FROM=$(abspath "$2"); shift 2 ;;
     --out) need_value "$1" $#; OUT_DIR=$(abspath "$2"); shift 2 ;;
@@ -56,9 +68,10 @@ done
 case $SCALE in
   small)
     [ -z "$DATASETS" ] || [ "$DATASETS" = wikitext-2 ] || usage_error "--scale small runs wikitext-2 only"
-    DATASETS=wikitext-2 OMEGAS=${OMEGAS:-"0 1 10"} SEEDS=${SEEDS:-1} ;;
+    DATASETS=wikitext-2 MOCO=${MOCO:-1} ;;
   paper)
-    DATASETS=${DATASETS:-"wikitext-2 wikitext-103"} OMEGAS=${OMEGAS:-"0 0.1 1 2 5 10"} SEEDS=${SEEDS:-"1 2 3 4 5"} ;;
+    DATASETS=${DATASETS:-"wikitext-2 wikitext-103"} OMEGAS=${OMEGAS:-"0 0.1 1 2 5 10"} SEEDS=${SEEDS:-"1 2 3 4 5"}
+    MOCO=${MOCO:-0} ;;
   '') usage_error "--scale small|paper is required" ;;
   *) usage_error "--scale must be small or paper, not '$SCALE'" ;;
 esac
@@ -67,6 +80,17 @@ for dataset in "${DATASET_LIST[@]}"; do
   case $dataset in wikitext-2 | wikitext-103) ;; *) usage_error "unknown dataset '$dataset'" ;; esac
 done
 [ -z "$FROM" ] || [ ${#DATASET_LIST[@]} -eq 1 ] || usage_error "--from needs a single dataset (--datasets)"
+# the models, as criterion:ω:seed, in the order they are trained (the most needed first)
+MODELS=()
+if [ "$SCALE" = small ] && [ -z "$OMEGAS$SEEDS" ]; then
+  MODELS=(activation_l2:0:1 activation_l2:1:1 activation_l2:0:2 activation_l2:1:2 activation_l2:0:3
+    activation_l2:1:3 activation_l2:0.1:1 activation_l2:10:1)
+else
+  OMEGAS=${OMEGAS:-"0 1 10"} SEEDS=${SEEDS:-1}
+  for seed in $SEEDS; do for omega in $OMEGAS; do MODELS+=("activation_l2:$omega:$seed"); done; done
+fi
+FIRST_SEED=${SEEDS%% *}
+if [ "$MOCO" = 1 ]; then MODELS+=("moco_queue:1:${FIRST_SEED:-1}"); fi
 for omega in $OMEGAS; do [[ $omega =~ ^[0-9]+([.][0-9]+)?$ ]] || usage_error "ω must be a number >= 0, not '$omega'"; done
 for seed in $SEEDS; do [[ $seed =~ ^[0-9]+$ ]] || usage_error "a seed must be an integer, not '$seed'"; done
 cd "$(dirname "$0")/.."
@@ -78,20 +102,21 @@ recipe_of() {  # dataset: the training recipe of set_train_args at this scale
 
 pipeline_settings() {  # the scripts/knnlm_pipeline.sh variables of this scale (att keys, L2 only)
   if [ "$SCALE" = small ]; then
-    echo "TPS=256 CW=128 EVAL_LIMIT=${EVAL_LIMIT:-50000}"
+    echo "TPS=256 CW=128 FACTORY=IVF2048,PQ32 TRAIN_SIZE=200000 NPROBE=32 EVAL_LIMIT=${EVAL_LIMIT:-}"
   else
     echo "TPS=3072 CW=1536 FACTORY=IVF4096,PQ64 TRAIN_SIZE=1000000 NPROBE=32 EVAL_LIMIT=${EVAL_LIMIT:-}"
   fi
 }
 
-run_one() {  # dataset omega seed: train (or reuse), evaluate, and append the run's results file to RESULTS
-  local dataset=$1 omega=$2 seed=$3 name ckpt_dir run_dir ppl
+run_one() {  # dataset criterion omega seed: train (or reuse), evaluate, keep the run's result lines
+  local dataset=$1 criterion=$2 omega=$3 seed=$4 name ckpt_dir run_dir ppl
   name=w$omega-s$seed
+  [ "$criterion" = activation_l2 ] || name=moco-$name
   ckpt_dir=checkpoints/ton2022-$SCALE/$dataset/$name
   run_dir=runs/ton2022-$SCALE/$dataset/$name
-  train_lm "$(recipe_of "$dataset")" "data-bin/$dataset" "$ckpt_dir" "$omega" "$seed"
+  train_lm "$(recipe_of "$dataset")" "data-bin/$dataset" "$ckpt_dir" "$omega" "$seed" "$criterion"
   ppl=$(train_ppl "$ckpt_dir/train.log")
-  local labels="--label omega=$omega --label seed=$seed --label dataset=$dataset"
+  local labels="--label omega=$omega --label seed=$seed --label dataset=$dataset --label criterion=$criterion"
   if [ -n "$ppl" ]; then
     labels+=" --label train_ppl=$ppl"
   else
@@ -100,21 +125,27 @@ run_one() {  # dataset omega seed: train (or reuse), evaluate, and append the ru
   # shellcheck disable=SC2046  # the settings are VAR=VALUE words without spaces
   run_pipeline "$ckpt_dir/checkpoint_best.pt" "data-bin/$dataset" "$run_dir" \
     KEY_TYPES=att METRICS=l2 EXACT_LIMIT=0 $(pipeline_settings) SCORE_ARGS="$labels"
-  RESULTS+=("$run_dir/results.jsonl")
+  # committed as each model finishes: its result lines and one row of training facts
+  mkdir -p "$OUT_DIR/models"
+  cp "$run_dir/results.jsonl" "$OUT_DIR/models/$dataset.$name.jsonl"
+  local best
+  best=$(best_valid "$ckpt_dir/train.log")
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$dataset" "$criterion" "$omega" "$seed" \
+    "$(train_seconds "$ckpt_dir")" "${best% *}" "${best#* }" "${ppl:-}" > "$OUT_DIR/models/$dataset.$name.tsv"
 }
 
-RESULTS=()
 for dataset in "${DATASET_LIST[@]}"; do
   ensure_data "data-bin/$dataset" "$dataset" ${FROM:+--from "$FROM"}
-  for omega in $OMEGAS; do
-    for seed in $SEEDS; do
-      run_one "$dataset" "$omega" "$seed"
-    done
+  for model in "${MODELS[@]}"; do
+    IFS=: read -r criterion omega seed <<< "$model"
+    run_one "$dataset" "$criterion" "$omega" "$seed"
   done
 done
 
 step "report -> $OUT_DIR"
 mkdir -p "$OUT_DIR"
-cat "${RESULTS[@]}" > "$OUT_DIR/results.jsonl"
+printf 'dataset\tcriterion\tomega\tseed\ttrain_seconds\tbest_epoch\tbest_valid_ppl\ttrain_ppl\n' > "$OUT_DIR/training.tsv"
+cat "$OUT_DIR"/models/*.tsv >> "$OUT_DIR/training.tsv"
+cat "$OUT_DIR"/models/*.jsonl > "$OUT_DIR/results.jsonl"
 knnlm report "$OUT_DIR/results.jsonl" --out "$OUT_DIR" --only ton2022_table,ton2022_figure1
 echo "report: $OUT_DIR/report.md (table: $OUT_DIR/ton2022_table.md)"
