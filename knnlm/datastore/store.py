@@ -32,7 +32,7 @@ from knnlm.datastore.meta import (
     utc_now,
 )
 from knnlm.errors import KnnlmError
-from knnlm.io import write_json_atomic
+from knnlm.io import NpyRowWriter, write_json_atomic
 
 KEYS_FILE = "keys.npy"
 VALS_FILE = "vals.npy"
@@ -294,10 +294,11 @@ def prepare_output(path: Path, meta: dict[str, Any], resume_spec: dict[str, Any]
 
 
 class ChunkWriter:
-    """Writes rows of preallocated ``keys.npy``/``vals.npy`` at their offsets, commits progress.
+    """Fills a datastore's preallocated ``keys.npy``/``vals.npy`` and commits progress.
 
-    Rows go through ordinary file writes (not a writable memmap) so that the
-    resident memory of a build stays flat however large N is.
+    Rows go through :class:`knnlm.io.NpyRowWriter` (file writes at their offsets,
+    not a writable memmap), so the resident memory of a build stays flat however
+    large N is.
     """
 
     def __init__(
@@ -306,43 +307,27 @@ class ChunkWriter:
         self.path = path
         self.num_rows = num_rows
         self.key_dim = key_dim
-        if state.status == "new":
-            for name, shape, dtype in (
-                (KEYS_FILE, (num_rows, key_dim), KEY_DTYPE),
-                (VALS_FILE, (num_rows,), VAL_DTYPE),
-            ):
-                arr = np.lib.format.open_memmap(path / name, mode="w+", dtype=dtype, shape=shape)
-                del arr
-            if positions is not None:
-                np.save(path / POSITIONS_FILE, positions.astype(np.int64))
-        self._key_offset = self._data_offset(path / KEYS_FILE, (num_rows, key_dim), KEY_DTYPE)
-        self._val_offset = self._data_offset(path / VALS_FILE, (num_rows,), VAL_DTYPE)
-        self._keys = open(path / KEYS_FILE, "r+b")  # noqa: SIM115 (closed in finish/close)
-        self._vals = open(path / VALS_FILE, "r+b")  # noqa: SIM115
-        self._key_row = key_dim * np.dtype(KEY_DTYPE).itemsize
-        self._val_row = np.dtype(VAL_DTYPE).itemsize
-
-    @staticmethod
-    def _data_offset(path: Path, shape: tuple[int, ...], dtype: str) -> int:
-        arr = _load_npy(path, "preallocated datastore file")
-        _check_array(path, arr, shape, dtype)
-        offset = int(arr.offset)
-        del arr
-        return offset
+        resume = state.status != "new"
+        if not resume and positions is not None:
+            np.save(path / POSITIONS_FILE, positions.astype(np.int64))
+        arrays = {
+            "keys": (path / KEYS_FILE, (num_rows, key_dim), KEY_DTYPE),
+            "vals": (path / VALS_FILE, (num_rows,), VAL_DTYPE),
+        }
+        if resume:  # the files of the interrupted build must still be the ones it preallocated
+            for file, shape, dtype in arrays.values():
+                _check_array(file, _load_npy(file, "preallocated datastore file"), shape, dtype)
+        self._rows = NpyRowWriter(arrays, resume=resume)
 
     def write(self, row: int, keys: np.ndarray, vals: np.ndarray) -> None:
         """Write ``len(keys)`` rows starting at ``row``."""
         if len(keys) != len(vals) or row + len(keys) > self.num_rows:
             raise ValueError(f"rows [{row}, {row + len(keys)}) do not fit the datastore of {self.num_rows}")
-        self._keys.seek(self._key_offset + row * self._key_row)
-        self._keys.write(np.ascontiguousarray(keys, dtype=KEY_DTYPE).tobytes())
-        self._vals.seek(self._val_offset + row * self._val_row)
-        self._vals.write(np.ascontiguousarray(vals, dtype=VAL_DTYPE).tobytes())
+        self._rows.write("keys", row, keys)
+        self._rows.write("vals", row, vals)
 
     def _sync(self) -> None:
-        for f in (self._keys, self._vals):
-            f.flush()
-            os.fsync(f.fileno())
+        self._rows.sync()
 
     def commit(self, resume_spec: dict[str, Any], next_unit: int, rows_done: int) -> None:
         """Make the rows written so far durable, then record where a resumed build continues."""
@@ -365,9 +350,7 @@ class ChunkWriter:
         (self.path / PROGRESS_FILE).unlink(missing_ok=True)
 
     def close(self) -> None:
-        for f in (self._keys, self._vals):
-            if not f.closed:
-                f.close()
+        self._rows.close()
 
     def __enter__(self) -> ChunkWriter:
         return self

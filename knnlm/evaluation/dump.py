@@ -12,9 +12,11 @@ the top ``k_max`` neighbour ids, scores and values as one retrieval folder (see
 :mod:`knnlm.evaluation.cache`). Scoring afterwards needs neither the model nor
 the datastore.
 
-Both passes stream into memory-mapped ``.npy`` files in chunks and record their
-progress, so an interrupted dump resumes from the last complete chunk; the
-cache's ``meta.json`` is (re)written last, atomically.
+Both passes stream rows into preallocated ``.npy`` files (:class:`knnlm.io.NpyRowWriter`)
+and record their progress after each synced chunk, so an interrupted dump resumes
+from the last complete chunk; the cache's ``meta.json`` is (re)written last, atomically.
+Neighbour ids and values are stored in the narrowest signed integer type that
+holds the datastore's row ids and the vocabulary (int32 up to 2^31 keys).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from knnlm.evaluation.cache import (
     write_cache_meta,
     write_json_atomic,
 )
+from knnlm.io import NpyRowWriter, read_progress
 from knnlm.models.base_lm import BaseLM, Capture, open_base_lm
 from knnlm.models.capture import KEY_TYPES
 
@@ -67,21 +70,9 @@ class LMDumpConfig:
     hf_revision: str | None = None
 
 
-def _open_output(path: Path, dtype: str, shape: tuple[int, ...], resume: bool) -> np.memmap:
-    if resume and path.exists():
-        arr = np.load(path, mmap_mode="r+")
-        if arr.shape == shape and arr.dtype == np.dtype(dtype):
-            return arr
-    return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
-
-
-def _read_progress(out: Path, spec: dict[str, Any]) -> int:
-    """Next unit to compute: 0 unless an interrupted dump of the same spec left progress."""
-    try:
-        progress = json.loads((out / PROGRESS).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return 0
-    return int(progress["next"]) if progress.get("spec") == spec else 0
+def id_dtype(limit: int) -> str:
+    """The narrowest signed integer dtype (at least int32, as caches require) for ids in [−1, limit)."""
+    return "int32" if limit <= np.iinfo(np.int32).max else "int64"
 
 
 def dump_lm(cfg: LMDumpConfig) -> Path:
@@ -112,16 +103,13 @@ def dump_lm(cfg: LMDumpConfig) -> Path:
         "windows_per_batch": plan.windows_per_batch,
     }
     out.mkdir(parents=True, exist_ok=True)
-    start = _read_progress(out, spec)
+    start = read_progress(out / PROGRESS, spec)
     resume = start > 0
     arrays = {
-        "targets": _open_output(out / "targets.npy", "int64", (n_tokens,), resume),
-        "lm_logprob": _open_output(out / "lm_logprob.npy", "float32", (n_tokens,), resume),
-        "positions": _open_output(out / "positions.npy", "int32", (n_tokens,), resume),
-        **{
-            f"query_{kt}": _open_output(out / f"query_{kt}.npy", "float16", (n_tokens, dims[kt]), resume)
-            for kt in KEY_TYPES
-        },
+        "targets": (out / "targets.npy", (n_tokens,), "int64"),
+        "lm_logprob": (out / "lm_logprob.npy", (n_tokens,), "float32"),
+        "positions": (out / "positions.npy", (n_tokens,), "int32"),
+        **{f"query_{kt}": (out / f"query_{kt}.npy", (n_tokens, dims[kt]), "float16") for kt in KEY_TYPES},
     }
     if resume:
         logger.info("resuming %s from batch %d of %d", out, start, plan.num_batches)
@@ -130,15 +118,15 @@ def dump_lm(cfg: LMDumpConfig) -> Path:
     bar = tqdm(total=n_tokens, initial=plan.batch_targets(start)[0] if start < plan.num_batches else n_tokens,
                unit="tok", unit_scale=True, desc=f"dump {cfg.split}", disable=None)
     try:
-        for chunk0 in range(start, plan.num_batches, cfg.chunk_batches):
-            chunk1 = min(chunk0 + cfg.chunk_batches, plan.num_batches)
-            for b in range(chunk0, chunk1):
-                s, e = plan.batch_targets(b)
-                _lm_batch(lm, capture, plan, stream, b, device, arrays)
-                bar.update(e - s)
-            for arr in arrays.values():
-                arr.flush()
-            write_json_atomic(out / PROGRESS, {"spec": spec, "next": chunk1})
+        with NpyRowWriter(arrays, resume=resume) as writer:
+            for chunk0 in range(start, plan.num_batches, cfg.chunk_batches):
+                chunk1 = min(chunk0 + cfg.chunk_batches, plan.num_batches)
+                for b in range(chunk0, chunk1):
+                    s, e = plan.batch_targets(b)
+                    _lm_batch(lm, capture, plan, stream, b, device, writer)
+                    bar.update(e - s)
+                writer.sync()
+                write_json_atomic(out / PROGRESS, {"spec": spec, "next": chunk1})
     finally:
         bar.close()
         capture.remove()
@@ -147,7 +135,7 @@ def dump_lm(cfg: LMDumpConfig) -> Path:
         word_ids = np.asarray(split_tokens.word_ids[:n_tokens], dtype=np.int64)
         np.save(out / "word_ids.npy", word_ids)
         units["n_words"] = int(word_ids[-1]) + 1
-    lm_logprob = np.asarray(arrays["lm_logprob"], dtype=np.float64)
+    lm_logprob = np.load(out / "lm_logprob.npy").astype(np.float64)
     logger.info("%s: %d tokens, %s", cfg.split, n_tokens, describe_perplexity(lm_logprob, units.get("n_words")))
     extra = {
         "dump": {
@@ -185,7 +173,7 @@ def _lm_batch(
     stream: Any,
     b: int,
     device: torch.device,
-    arrays: dict[str, np.memmap],
+    writer: NpyRowWriter,
 ) -> None:
     """Forward batch ``b``; store its targets' LM log-probs, queries and window positions."""
     tokens, row, col = batch_inputs(plan, stream, b, lm.pad)
@@ -195,11 +183,11 @@ def _lm_batch(
     r, c = torch.from_numpy(row).to(device), torch.from_numpy(col).to(device)
     t = torch.from_numpy(targets).to(device)
     lprobs = lm.target_logprobs(torch.from_numpy(tokens).to(device), r, c, t)
-    arrays["lm_logprob"][s_b:e_b] = lprobs.cpu().numpy()
-    arrays["targets"][s_b:e_b] = targets
-    arrays["positions"][s_b:e_b] = col
+    writer.write("lm_logprob", s_b, lprobs.cpu().numpy())
+    writer.write("targets", s_b, targets)
+    writer.write("positions", s_b, col)
     for kt in KEY_TYPES:
-        arrays[f"query_{kt}"][s_b:e_b] = capture.pop(kt)[r, c].to(torch.float16).cpu().numpy()
+        writer.write(f"query_{kt}", s_b, capture.pop(kt)[r, c].to(torch.float16).cpu().numpy())
     capture.clear()
 
 
@@ -264,27 +252,29 @@ def dump_retrieval(cfg: RetrievalConfig) -> Path:
     n = len(queries)
     spec = {"datastore_id": store.datastore_id, "index": cfg.index, "nprobe": cfg.nprobe, "k": k,
             "similarity": similarity, "score_source": score_source, "batch": cfg.batch}
-    start = _read_progress(folder, spec)
-    resume = start > 0
-    ids_out = _open_output(folder / "ids.npy", "int64", (n, k), resume)
-    scores_out = _open_output(folder / "scores.npy", "float32", (n, k), resume)
-    vals_out = _open_output(folder / "vals.npy", "int64", (n, k), resume)
+    arrays = {
+        "ids": (folder / "ids.npy", (n, k), id_dtype(store.num_keys)),
+        "scores": (folder / "scores.npy", (n, k), "float32"),
+        "vals": (folder / "vals.npy", (n, k), id_dtype(cache.dict_size)),
+    }
+    spec["dtypes"] = [dtype for _path, _shape, dtype in arrays.values()]
+    start = read_progress(folder / PROGRESS, spec)
     bar = tqdm(total=n, initial=start, unit="q", unit_scale=True, desc=f"retrieve {name}", disable=None)
-    for q0 in range(start, n, cfg.batch):
-        q = np.asarray(queries[q0 : q0 + cfg.batch], dtype=np.float32)
-        if index is None:
-            scores, ids = exact_topk(q, store, k, similarity, device=cfg.device)
-        else:
-            scores, ids = index.search(q, k)
-            if cfg.real_score:
-                scores = rescore(q, ids, store, similarity, device=cfg.device)
-        ids_out[q0 : q0 + len(q)] = ids
-        scores_out[q0 : q0 + len(q)] = scores
-        vals_out[q0 : q0 + len(q)] = store.values_of(ids)
-        for arr in (ids_out, scores_out, vals_out):
-            arr.flush()
-        write_json_atomic(folder / PROGRESS, {"spec": spec, "next": q0 + len(q)})
-        bar.update(len(q))
+    with NpyRowWriter(arrays, resume=start > 0) as writer:
+        for q0 in range(start, n, cfg.batch):
+            q = np.asarray(queries[q0 : q0 + cfg.batch], dtype=np.float32)
+            if index is None:
+                scores, ids = exact_topk(q, store, k, similarity, device=cfg.device)
+            else:
+                scores, ids = index.search(q, k)
+                if cfg.real_score:
+                    scores = rescore(q, ids, store, similarity, device=cfg.device)
+            writer.write("ids", q0, ids)
+            writer.write("scores", q0, scores)
+            writer.write("vals", q0, store.values_of(ids))
+            writer.sync()
+            write_json_atomic(folder / PROGRESS, {"spec": spec, "next": q0 + len(q)})
+            bar.update(len(q))
     bar.close()
     info = RetrievalInfo(
         name=name,

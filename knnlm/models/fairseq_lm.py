@@ -107,6 +107,36 @@ class FairseqLM:
         self.model.decoder.extract_features(tokens, None)
 
     def target_logprobs(self, tokens: Tensor, rows: Tensor, cols: Tensor, targets: Tensor) -> Tensor:
-        net_output = self.model(tokens)
-        lprobs = self.model.get_normalized_probs(net_output, log_probs=True).float()
-        return lprobs[rows, cols, targets]
+        output, _extra = self.model(tokens)
+        return output_logprobs(self.model.decoder, output[rows, cols], targets)
+
+
+def output_logprobs(decoder: nn.Module, output: Tensor, targets: Tensor) -> Tensor:
+    """fp32 log p(``targets``) [N] from the decoder's ``output`` [N, ·] at the scored positions only.
+
+    ``output`` is what the decoder's forward returns: vocabulary logits, or the
+    features an adaptive softmax consumes. The adaptive softmax is evaluated for the
+    targets alone: the head for every row, each tail cluster only for the rows whose
+    target lies in it — the same values as fairseq's full ``get_normalized_probs``
+    without the [N, V] array it builds (a ~33K vocabulary makes that the dump's main cost).
+    """
+    adaptive = getattr(decoder, "adaptive_softmax", None)
+    if adaptive is None:
+        return torch.log_softmax(output.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+    return adaptive_target_logprobs(adaptive, output, targets)
+
+
+def adaptive_target_logprobs(adaptive: nn.Module, features: Tensor, targets: Tensor) -> Tensor:
+    """log p(``targets``) of fairseq's ``AdaptiveSoftmax`` (head, then the target's tail cluster)."""
+    cutoff = adaptive.cutoff  # [c0, c1, ..., V]: words below c0 in the head, cluster i is [c_i, c_{i+1})
+    head = torch.log_softmax(adaptive.head(features).float(), dim=-1)
+    in_head = targets < cutoff[0]
+    out = torch.empty(len(targets), dtype=torch.float32, device=features.device)
+    out[in_head] = head[in_head, targets[in_head]]
+    for i, tail in enumerate(adaptive.tail):
+        rows = torch.nonzero((targets >= cutoff[i]) & (targets < cutoff[i + 1]), as_tuple=True)[0]
+        if len(rows) == 0:
+            continue
+        tail_lp = torch.log_softmax(tail(features[rows]).float(), dim=-1)
+        out[rows] = head[rows, cutoff[0] + i] + tail_lp.gather(-1, (targets[rows] - cutoff[i])[:, None]).squeeze(-1)
+    return out
