@@ -2,9 +2,11 @@
 
 Xu et al. (2023) compare FAISS's approximate neighbours and scores with exact
 ones. :func:`exact_topk` is a brute-force top-k: the keys are streamed in chunks
-(memory-mapped fp16 → fp32 on the compute device), each chunk scored with one
-matmul and reduced to its top-k, and the running top-k merged, so memory is
-bounded by ``query_batch × chunk_size`` scores whatever N is.
+(memory-mapped fp16 → fp32), each chunk searched for every query of a batch and
+the per-chunk top-k merged into a running one, so memory is bounded by
+``query_batch × (chunk_size + k)`` whatever N is. On the CPU each chunk goes
+through faiss's exhaustive kernel (blocked GEMM fused with heap selection, a
+``ResultHeap`` merging chunks); on a GPU through a torch matmul and ``topk``.
 :func:`rescore` computes the exact score of given neighbour ids.
 
 Scores follow :mod:`knnlm.datastore.similarity`: IP ``q·k``, L2 ``−‖q−k‖²``.
@@ -58,14 +60,17 @@ def exact_topk(
     k: int,
     similarity: Similarity = "ip",
     device: str | torch.device = "auto",
-    chunk_size: int = 32768,
-    query_batch: int = 1024,
+    chunk_size: int = 65536,
+    query_batch: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` neighbours of each query among all keys.
 
     Returns ``(scores float32 [Q, k], ids int64 [Q, k])``, best first, in the
     score convention (IP: ``q·k``; L2: ``−‖q−k‖²``). Peak extra memory is about
-    ``query_batch × (chunk_size + 2k)`` fp32 scores plus one fp32 key chunk.
+    ``query_batch × (chunk_size + 2k)`` fp32 scores plus one fp32 key chunk on a
+    GPU, ``query_batch × 3k`` results plus one key chunk on the CPU. ``query_batch``
+    defaults to 4,096 on the CPU (each key chunk is converted once per batch) and
+    1,024 on a GPU.
     """
     similarity = check_similarity(similarity)
     keys = _keys_of(datastore)
@@ -73,14 +78,20 @@ def exact_topk(
     queries = _queries(queries, dim)
     if not 1 <= k <= n:
         raise KnnlmError(f"k must be in [1, N={n}]; got {k}")
+    dev = resolve_torch_device(device)
+    if query_batch is None:
+        query_batch = 4096 if dev.type == "cpu" else 1024
     if chunk_size < 1 or query_batch < 1:
         raise KnnlmError("chunk_size and query_batch must be positive")
-    dev = resolve_torch_device(device)
     out_scores = np.empty((len(queries), k), dtype=np.float32)
     out_ids = np.empty((len(queries), k), dtype=np.int64)
     for q0 in range(0, len(queries), query_batch):
-        q = torch.as_tensor(np.ascontiguousarray(queries[q0 : q0 + query_batch]), dtype=torch.float32).to(dev)
-        best, best_ids = _scan(q, keys, k, similarity, dev, chunk_size)
+        q_np = np.ascontiguousarray(queries[q0 : q0 + query_batch], dtype=np.float32)
+        q = torch.from_numpy(q_np).to(dev)
+        if dev.type == "cpu":
+            best, best_ids = _scan_faiss(q_np, keys, k, similarity, chunk_size)
+        else:
+            best, best_ids = _scan(q, keys, k, similarity, dev, chunk_size)
         if similarity == "l2":
             # exact −‖q−k‖² of the winners, a few queries at a time: a [rows·k, D] gather stays small
             rows = max(1, _RESCORE_ELEMENTS // (k * dim))
@@ -95,6 +106,29 @@ def exact_topk(
         out_scores[q0 : q0 + len(q)] = best.cpu().numpy()
         out_ids[q0 : q0 + len(q)] = best_ids.cpu().numpy()
     return out_scores, out_ids
+
+
+def _scan_faiss(
+    q: np.ndarray, keys: np.ndarray, k: int, similarity: Similarity, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Running top-k over key chunks with faiss's exhaustive search (CPU), best first.
+
+    Returns ranking scores: IP ``q·k``; L2 ``−‖q−k‖²`` as faiss computes it from the
+    norm expansion (the caller re-scores the winners from differences).
+    """
+    import faiss
+
+    ip = similarity == "ip"
+    metric = faiss.METRIC_INNER_PRODUCT if ip else faiss.METRIC_L2
+    heap = faiss.ResultHeap(len(q), k, keep_max=ip)
+    for c0 in range(0, len(keys), chunk_size):
+        chunk = np.ascontiguousarray(keys[c0 : c0 + chunk_size], dtype=np.float32)
+        dist, ids = faiss.knn(q, chunk, min(k, len(chunk)), metric=metric)
+        ids += c0
+        heap.add_result(dist, ids)
+    heap.finalize()
+    scores = torch.from_numpy(heap.D if ip else -heap.D)
+    return scores, torch.from_numpy(heap.I.astype(np.int64, copy=False))
 
 
 def _scan(

@@ -63,6 +63,18 @@ def finalize_meta(meta: dict[str, Any]) -> dict[str, Any]:
     return meta
 
 
+def available_memory() -> int:
+    """Bytes of memory the OS could hand out now (MemAvailable; physical pages elsewhere)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def _load_npy(path: Path, what: str) -> np.memmap:
     try:
         return np.load(path, mmap_mode="r")
@@ -165,6 +177,22 @@ class Datastore:
 
     def __len__(self) -> int:
         return self.num_keys
+
+    def load_keys_if_they_fit(self, max_bytes: int | None = None) -> bool:
+        """Read the keys into memory when they take at most ``max_bytes`` (default: half the free RAM).
+
+        Re-scoring gathers ~k scattered rows per query: from a memory map each row
+        is a page fault, which made re-scoring cost several times the search itself;
+        one sequential read is seconds. Larger datastores stay memory-mapped.
+        Returns whether the keys are in memory now.
+        """
+        if not isinstance(self.keys, np.memmap):
+            return True
+        budget = available_memory() // 2 if max_bytes is None else max_bytes
+        if self.keys.nbytes > budget:
+            return False
+        self.keys = np.array(self.keys)
+        return True
 
     def values_of(self, ids: np.ndarray) -> np.ndarray:
         """Next-token ids (int64) of the entries ``ids``; −1 where an id is −1 (a neighbour not found)."""

@@ -242,6 +242,9 @@ def dump_retrieval(cfg: RetrievalConfig) -> Path:
         similarity = cfg.similarity
     if cfg.real_score and index is None:
         raise KnnlmError("--real-score rescores FAISS neighbours: give --index too")
+    if cfg.real_score or index is None:
+        # both gather scattered key rows; from memory rather than one page fault per row
+        store.load_keys_if_they_fit()
     k = min(cfg.k_max, store.num_keys)
     mask_source = "faiss" if index is not None else "real"
     score_source = "real" if (cfg.real_score or index is None) else "faiss"
