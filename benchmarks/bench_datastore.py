@@ -71,7 +71,8 @@ EVAL_LM_SNIPPET = (
     _PRELUDE
     + """
 import re
-import knnlm  # the --user-dir, imported before the timer as fairseq would skip it then
+import knnlm  # the --user-dir, registered before the timer as fairseq would skip it then
+knnlm.register()
 from fairseq import options
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq_cli import eval_lm
@@ -127,7 +128,7 @@ FORWARD_SNIPPET = (
     + """
 import numpy as np
 from knnlm.datastore.build import load_language_model, load_split
-from knnlm.datastore.contexts import ContextPlan
+from knnlm.models.windows import ContextPlan
 
 c = request["config"]
 wall, cpu = time.perf_counter(), time.process_time()

@@ -63,7 +63,9 @@ def _run_eval_lm(args: list[str]) -> float:
 
 def worker(mode: str, work: Path, k: int, scratch: Path) -> dict[str, float]:
     """One timed run of ``mode`` in this process; returns seconds (and the score-only time)."""
-    import knnlm  # noqa: F401
+    import knnlm
+
+    knnlm.register()
     from knnlm.evaluation.cache import Cache
     from knnlm.evaluation.dump import LMDumpConfig, RetrievalConfig, dump_lm, dump_retrieval
     from knnlm.evaluation.score import ScoreSetting, score
@@ -92,7 +94,9 @@ def worker(mode: str, work: Path, k: int, scratch: Path) -> dict[str, float]:
 
 def setup(work: Path) -> int:
     """Data, checkpoint, datastore and index, built once; returns the number of valid tokens."""
-    import knnlm  # noqa: F401
+    import knnlm
+
+    knnlm.register()
     from knnlm.data import prepare_demo
     from knnlm.datastore import DatastoreBuildConfig, IndexBuildConfig, build_datastore, build_index
 

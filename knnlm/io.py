@@ -1,23 +1,81 @@
-"""Durable writes of artifacts: atomic JSON (every ``meta.json``) and rows streamed into ``.npy`` files.
+"""Artifact I/O shared by every package: atomic JSON, rows streamed into ``.npy`` files, fingerprints.
 
 Readers see either the old JSON file or the whole new one, never half of it: the JSON
 is written to a hidden temp file in the same folder, synced, renamed onto the target,
 and the rename is synced too. Large arrays are preallocated and filled by
 :class:`NpyRowWriter`; a progress record written after :meth:`NpyRowWriter.sync`
-lets an interrupted writer resume (:func:`read_progress`).
+lets an interrupted writer resume (:func:`read_progress`). Fingerprints are SHA-256
+hex digests of files (:func:`sha256_files`), of canonical JSON (:func:`fingerprint`)
+and of vocabularies (:func:`dictionary_fingerprint`).
 """
 
 from __future__ import annotations
 
+import datetime as _dt
+import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from knnlm import __version__
 from knnlm.errors import KnnlmError
+
+_HASH_BLOCK = 1 << 24
+
+
+def code_version() -> str:
+    """The ``knnlm`` version recorded in every artifact."""
+    return __version__
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def read_json(path: str | os.PathLike, what: str) -> dict[str, Any]:
+    """Read a metadata file; a missing or corrupt one is a :class:`KnnlmError` naming ``what``."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except FileNotFoundError:
+        raise KnnlmError(f"{path} does not exist ({what})") from None
+    except (OSError, json.JSONDecodeError) as err:
+        raise KnnlmError(f"{path} is not readable JSON ({what}): {err}; rebuild the artifact") from None
+    if not isinstance(obj, dict):
+        raise KnnlmError(f"{path} does not hold a JSON object ({what}); rebuild the artifact")
+    return obj
+
+
+def fingerprint(obj: Any) -> str:
+    """SHA-256 of the canonical JSON of ``obj``: the id of the content it describes."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def sha256_files(paths: Iterable[str | os.PathLike]) -> str:
+    """SHA-256 over the bytes of ``paths`` in order (streamed; files of any size)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            while block := f.read(_HASH_BLOCK):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def dictionary_fingerprint(dictionary: Any) -> str:
+    """SHA-256 of a vocabulary's symbols in id order.
+
+    Duck-typed on ``.symbols`` (fairseq ``Dictionary``) so this module does not
+    import fairseq. Counts are left out: they do not change what an id means.
+    """
+    symbols = getattr(dictionary, "symbols", dictionary)
+    return hashlib.sha256("\n".join(map(str, symbols)).encode("utf-8")).hexdigest()
 
 
 def write_json_atomic(

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 
+import knnlm
+
+knnlm.register()  # fairseq architectures, criteria and tasks by name, whatever a test imports first
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models: threads only add contention
 
 DEMO_CORPUS = Path(__file__).resolve().parents[1] / "knnlm" / "resources" / "demo_corpus"

@@ -32,7 +32,7 @@ from knnlm.errors import KnnlmError
 def test_dictionary_ids_match_fairseq(tmp_path):
     from fairseq.data import Dictionary
 
-    from knnlm.datastore.meta import dictionary_fingerprint
+    from knnlm.io import dictionary_fingerprint
 
     path = tmp_path / "dict.txt"
     path.write_text("the 120\n, 80\nof 80\n▁New 3\n<unk> 7 #fairseq:overwrite\nmadeupword0000 0\n", encoding="utf-8")

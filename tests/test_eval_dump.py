@@ -129,8 +129,9 @@ def fairseq_knnlm_ppl(checkpoint: Path, data: Path, store: Path, index: Path | N
     return float(re.search(r"Perplexity: ([0-9.]+)", proc.stdout + proc.stderr).group(1))
 
 
-@pytest.mark.parametrize("lam,temperature", [(0.25, 1.0), (0.6, 3.0)])
-def test_one_pass_fairseq_task_equals_two_phase_path(caches, tiny_checkpoint, tiny_data_bin, lam, temperature):
+@pytest.mark.parametrize("lam,temperature,full", [(0.25, 1.0, False), (0.6, 3.0, False), (0.6, 3.0, True)])
+def test_one_pass_fairseq_task_equals_two_phase_path(caches, tiny_checkpoint, tiny_data_bin, lam, temperature, full):
+    """Targets only (the default) and the whole distribution (--knn-full-distribution) agree with the caches."""
     dumped, store_path, index = caches
     k = 8
     dump_retrieval(RetrievalConfig(cache=str(dumped["test"]), datastore=str(store_path), index=str(index),
@@ -140,7 +141,8 @@ def test_one_pass_fairseq_task_equals_two_phase_path(caches, tiny_checkpoint, ti
     line = score(Cache(dumped["valid"]), Cache(dumped["test"]),
                  ScoreSetting(key_type="att", similarity="l2", k=k, temperature=temperature, lam=lam))
     one_pass = fairseq_knnlm_ppl(tiny_checkpoint, tiny_data_bin, store_path, index,
-                                 ["--k", str(k), "--lmbda", str(lam), "--knn-temp", str(temperature)])
+                                 ["--k", str(k), "--lmbda", str(lam), "--knn-temp", str(temperature),
+                                  *(["--knn-full-distribution"] if full else [])])
     assert one_pass == pytest.approx(line["metrics"]["interp_ppl"], rel=2e-4)
 
 

@@ -254,7 +254,7 @@ def test_cache_of_another_model_is_refused(gpt2_dir, tokenizer, text_dir, tmp_pa
 
 
 def test_clear_errors(gpt2_dir, text_dir, tmp_path, monkeypatch):
-    from knnlm.models.base_lm import open_base_lm
+    from knnlm.models.factory import open_base_lm
 
     with pytest.raises(KnnlmError, match="pass only one"):
         open_base_lm("ckpt.pt", str(gpt2_dir), str(text_dir))

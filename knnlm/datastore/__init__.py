@@ -12,13 +12,13 @@ Scores are similarities, higher is better: IP ``q·k``, L2 ``−‖q−k‖²``.
 """
 
 from knnlm.datastore.build import DatastoreBuildConfig, build_datastore
-from knnlm.datastore.contexts import ContextPlan, TokenStream
 from knnlm.datastore.exact import exact_topk, rescore
 from knnlm.datastore.index import IndexBuildConfig, KnnIndex, auto_factory, build_index
-from knnlm.datastore.meta import dictionary_fingerprint
 from knnlm.datastore.shards import merge_datastores, merge_index_ondisk, open_index_shards
 from knnlm.datastore.similarity import SIMILARITIES, Similarity
 from knnlm.datastore.store import Datastore, write_datastore
+from knnlm.io import dictionary_fingerprint
+from knnlm.models.windows import ContextPlan, TokenStream
 
 __all__ = [
     "SIMILARITIES",

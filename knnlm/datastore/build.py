@@ -1,6 +1,6 @@
 """``datastore build``: run a base LM over a split and stream its kNN keys to disk.
 
-Contexts are those of fairseq's eval_lm (see :mod:`knnlm.datastore.contexts`).
+Contexts are those of fairseq's eval_lm (see :mod:`knnlm.models.windows`).
 The base LM is a fairseq checkpoint or a Hugging Face causal LM
 (:mod:`knnlm.models.base_lm`); keys are read with forward hooks (for fairseq
 :class:`knnlm.models.capture.KeyCapture` on ``decoder.extract_features``), so the
@@ -25,7 +25,6 @@ import torch
 from omegaconf import MISSING
 from tqdm import tqdm
 
-from knnlm.datastore.contexts import ContextPlan, TokenStream, batch_inputs
 from knnlm.datastore.sampling import sample_sorted, subsample_count
 from knnlm.datastore.store import (
     KEY_DTYPE,
@@ -37,9 +36,11 @@ from knnlm.datastore.store import (
     prepare_output,
 )
 from knnlm.errors import KnnlmError
-from knnlm.models.base_lm import BaseLM, Capture, open_base_lm
+from knnlm.models.base_lm import BaseLM, Capture
 from knnlm.models.capture import KEY_TYPES
+from knnlm.models.factory import open_base_lm
 from knnlm.models.fairseq_lm import load_language_model, load_split
+from knnlm.models.windows import ContextPlan, TokenStream, batch_inputs
 
 __all__ = ["DatastoreBuildConfig", "build_datastore", "build_summary", "load_language_model", "load_split"]
 

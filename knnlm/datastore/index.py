@@ -30,19 +30,12 @@ import numpy as np
 from omegaconf import MISSING
 from tqdm import tqdm
 
-from knnlm.datastore.meta import (
-    FORMAT_VERSION,
-    INDEX_FORMAT,
-    code_version,
-    read_json,
-    sha256_files,
-    utc_now,
-)
+from knnlm.datastore.meta import FORMAT_VERSION, INDEX_FORMAT
 from knnlm.datastore.sampling import sample_sorted
 from knnlm.datastore.similarity import Similarity, check_similarity, faiss_distances_to_scores
 from knnlm.datastore.store import Datastore
 from knnlm.errors import KnnlmError
-from knnlm.io import write_json_atomic
+from knnlm.io import code_version, read_json, sha256_files, utc_now, write_json_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -23,16 +23,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from knnlm.datastore.meta import (
-    DATASTORE_FORMAT,
-    FORMAT_VERSION,
-    code_version,
-    fingerprint,
-    read_json,
-    utc_now,
-)
+from knnlm.datastore.meta import DATASTORE_FORMAT, FORMAT_VERSION
 from knnlm.errors import KnnlmError
-from knnlm.io import NpyRowWriter, write_json_atomic
+from knnlm.io import NpyRowWriter, code_version, fingerprint, read_json, utc_now, write_json_atomic
 
 KEYS_FILE = "keys.npy"
 VALS_FILE = "vals.npy"

@@ -27,10 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from knnlm.datastore.meta import sha256_files
 from knnlm.errors import KnnlmError
 from knnlm.evaluation.cache import Cache
-from knnlm.io import write_json_atomic
+from knnlm.io import sha256_files, write_json_atomic
 
 COMPONENTS_DIR = "components"
 COMPONENT_FORMAT = "knnlm-component"

@@ -2,7 +2,7 @@
 
 ``dump_lm`` runs the base LM (a fairseq checkpoint or a Hugging Face causal LM,
 see :mod:`knnlm.models.base_lm`) over a split with fairseq eval_lm's contexts (the
-same :class:`~knnlm.datastore.contexts.ContextPlan` the datastore builder uses) and
+same :class:`~knnlm.models.windows.ContextPlan` the datastore builder uses) and
 writes, per target token, its id, the LM log-probability of the target, the
 ``att`` and ``ffn`` query vectors and its position in the context window. Where
 tokens are sub-word pieces of the dataset's words (HF tokenizers), it also writes
@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from knnlm.datastore import Datastore, KnnIndex, exact_topk, rescore
+from knnlm.datastore import Datastore
 from knnlm.datastore.build import make_plan, resolve_device
-from knnlm.datastore.contexts import ContextPlan, batch_inputs
+from knnlm.datastore.retriever import Retriever
 from knnlm.errors import KnnlmError
 from knnlm.evaluation.cache import (
     Cache,
@@ -44,8 +44,10 @@ from knnlm.evaluation.cache import (
     write_json_atomic,
 )
 from knnlm.io import NpyRowWriter, read_progress
-from knnlm.models.base_lm import BaseLM, Capture, open_base_lm
+from knnlm.models.base_lm import BaseLM, Capture
 from knnlm.models.capture import KEY_TYPES
+from knnlm.models.factory import open_base_lm
+from knnlm.models.windows import ContextPlan, batch_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -230,24 +232,12 @@ def dump_retrieval(cfg: RetrievalConfig) -> Path:
             f"{cfg.cache}: {key_type} queries have dimension {queries.shape[1]} but {cfg.datastore} "
             f"holds {store.key_dim}-d keys; use the datastore of the same checkpoint"
         )
-    index = None
-    if cfg.index is not None:
-        index = KnnIndex.load(cfg.index, store, nprobe=cfg.nprobe, device=cfg.device)
-        similarity = index.similarity
-        if cfg.similarity is not None and cfg.similarity != similarity:
-            raise KnnlmError(f"--similarity {cfg.similarity} differs from the index's metric {similarity}")
-    elif cfg.similarity is None:
-        raise KnnlmError("exact search needs --similarity l2|ip (there is no index to take it from)")
-    else:
-        similarity = cfg.similarity
-    if cfg.real_score and index is None:
-        raise KnnlmError("--real-score rescores FAISS neighbours: give --index too")
-    if cfg.real_score or index is None:
-        # both gather scattered key rows; from memory rather than one page fault per row
-        store.load_keys_if_they_fit()
+    retriever = Retriever.open(
+        store, cfg.index, similarity=cfg.similarity, real_score=cfg.real_score, nprobe=cfg.nprobe, device=cfg.device
+    )
+    index, similarity = retriever.index, retriever.similarity
     k = min(cfg.k_max, store.num_keys)
-    mask_source = "faiss" if index is not None else "real"
-    score_source = "real" if (cfg.real_score or index is None) else "faiss"
+    mask_source, score_source = retriever.mask_source, retriever.score_source
     name = default_retrieval_name(key_type, similarity, mask_source, score_source)
     folder = Path(cfg.cache) / "knn" / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -266,15 +256,10 @@ def dump_retrieval(cfg: RetrievalConfig) -> Path:
     with NpyRowWriter(arrays, resume=start > 0) as writer:
         for q0 in range(start, n, cfg.batch):
             q = np.asarray(queries[q0 : q0 + cfg.batch], dtype=np.float32)
-            if index is None:
-                scores, ids = exact_topk(q, store, k, similarity, device=cfg.device)
-            else:
-                scores, ids = index.search(q, k)
-                if cfg.real_score:
-                    scores = rescore(q, ids, store, similarity, device=cfg.device)
+            scores, ids = retriever.search(q, k)
             writer.write("ids", q0, ids)
             writer.write("scores", q0, scores)
-            writer.write("vals", q0, store.values_of(ids))
+            writer.write("vals", q0, retriever.values_of(ids))
             writer.sync()
             write_json_atomic(folder / PROGRESS, {"spec": spec, "next": q0 + len(q)})
             bar.update(len(q))

@@ -1,12 +1,14 @@
 """The base LM as the datastore build and the eval dump see it: a fairseq checkpoint or a HF causal LM.
 
 There is one data path. Both passes cut a split's token stream with
-:class:`~knnlm.datastore.contexts.ContextPlan`, assemble windows with
-:func:`~knnlm.datastore.contexts.batch_inputs`, and only then ask a
+:class:`~knnlm.models.windows.ContextPlan`, assemble windows with
+:func:`~knnlm.models.windows.batch_inputs`, and only then ask a
 :class:`BaseLM` for what depends on the model: the ``att``/``ffn`` keys (through
 hooks) and the log-probabilities of the targets. The two implementations are
 :class:`knnlm.models.fairseq_lm.FairseqLM` (``--checkpoint``) and
-:class:`knnlm.models.hf.HFCausalLM` (``--hf-model``, needs ``pip install -e .[hf]``).
+:class:`knnlm.models.hf.HFCausalLM` (``--hf-model``, needs ``pip install -e .[hf]``);
+:func:`knnlm.models.factory.open_base_lm` opens the one a command line names.
+This module is the interface only: it imports neither implementation.
 """
 
 from __future__ import annotations
@@ -19,8 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from knnlm.datastore.contexts import TokenStream
-from knnlm.errors import KnnlmError
+from knnlm.models.windows import TokenStream
 
 
 @dataclass
@@ -82,23 +83,3 @@ class BaseLM(Protocol):
 
     def target_logprobs(self, tokens: Tensor, rows: Tensor, cols: Tensor, targets: Tensor) -> Tensor:
         """Full forward; fp32 natural-log probability of ``targets[i]`` at ``tokens[rows[i], cols[i]]``."""
-
-
-def open_base_lm(checkpoint: str | None, hf_model: str | None, data: str, hf_revision: str | None = None) -> BaseLM:
-    """The model of ``--checkpoint`` (fairseq, with the data-bin's dictionary) or ``--hf-model``."""
-    if checkpoint and hf_model:
-        raise KnnlmError(
-            f"--checkpoint {checkpoint} and --hf-model {hf_model} both name a base model; pass only one "
-            "(--checkpoint for a fairseq checkpoint, --hf-model for a Hugging Face causal LM)"
-        )
-    if hf_model:
-        from knnlm.models.hf import HFCausalLM
-
-        return HFCausalLM.load(hf_model, revision=hf_revision)
-    if hf_revision:
-        raise KnnlmError("--hf-revision needs --hf-model; a fairseq --checkpoint has no revision")
-    if not checkpoint:
-        raise KnnlmError("no base model: pass --checkpoint CKPT.pt (fairseq) or --hf-model NAME_OR_PATH (transformers)")
-    from knnlm.models.fairseq_lm import FairseqLM
-
-    return FairseqLM.load(checkpoint, data)

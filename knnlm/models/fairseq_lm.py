@@ -9,12 +9,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from knnlm.datastore.contexts import TokenStream
-from knnlm.datastore.meta import dictionary_fingerprint, sha256_files
 from knnlm.errors import KnnlmError
+from knnlm.io import dictionary_fingerprint, sha256_files
 from knnlm.models.base_lm import SplitTokens
 from knnlm.models.capture import KeyCapture, key_dim
 from knnlm.models.loading import fairseq_hydra_compat
+from knnlm.models.windows import TokenStream
 
 
 def load_language_model(checkpoint: str | os.PathLike, data: str | os.PathLike) -> tuple[nn.Module, Any]:

@@ -28,11 +28,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from knnlm.datastore.contexts import TokenStream
-from knnlm.datastore.meta import dictionary_fingerprint, fingerprint, sha256_files
 from knnlm.errors import KnnlmError
+from knnlm.io import dictionary_fingerprint, fingerprint, sha256_files
 from knnlm.models.base_lm import SplitTokens
 from knnlm.models.hf_text import find_split_file, read_lines, tokenize_lines
+from knnlm.models.windows import TokenStream
 
 logger = logging.getLogger(__name__)
 

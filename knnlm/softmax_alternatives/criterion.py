@@ -22,6 +22,7 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.logging import metrics
 
 from knnlm.errors import KnnlmError
+from knnlm.scoring_torch import interpolate
 
 LOSSES = ("ce", "interpolated", "distill")
 #: log-probabilities below this (a clustered datastore gives -inf to words no cluster holds)
@@ -53,7 +54,7 @@ class DatastoreReplacementCriterion(FairseqCriterion):
         base = model.base_log_probs(net_output).float()
         if self.ds_loss == "interpolated":
             base_t = base.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-            mixed = torch.logaddexp(base_t + math.log(1 - self.lam), head_t + math.log(self.lam))
+            mixed = interpolate(base_t, head_t, self.lam)
             return -mixed, -head_t
         return -(base.exp() * head).sum(-1), -head_t
 

@@ -9,11 +9,17 @@ one-to-one onto its flags, without ``--knnlm`` (choosing this task means it)::
         --k 1024 --lmbda 0.25 --probe 32 --knn-keytype att --knn-sim-func do_not_recomp
 
 The loaded LM is wrapped by :class:`KnnInterpolatedLM`, whose
-``get_normalized_probs`` returns ``log((1−λ)·p_LM + λ·p_kNN)`` over the whole
-vocabulary (Eq. 5 with τ = ``--knn-temp``), so fairseq's ``SequenceScorer`` and
-its perplexity are used unchanged. The kNN distribution comes from
-:func:`knnlm.scoring.knn_distribution`, the same function the two-phase path
-(``knnlm eval`` + ``knnlm score``) scores with; a test checks the two agree.
+``get_normalized_probs`` returns ``log((1−λ)·p_LM + λ·p_kNN)`` (Eq. 5 with
+τ = ``--knn-temp``), so fairseq's ``SequenceScorer`` and its perplexity are used
+unchanged. When the scorer passes the targets (as ``fairseq-eval-lm`` does), only
+the positions it scores are searched — not the carried context, whose targets are
+padding — and only the targets' probabilities are computed, in torch on the
+model's device (:mod:`knnlm.scoring_torch`); the result is handed back as a
+[B, T, V] view that repeats each position's value along V, which is all the
+scorer's ``gather`` reads. Without targets (or with ``--knn-full-distribution``)
+the whole interpolated distribution is built. Searching goes through
+:class:`knnlm.datastore.retriever.Retriever`, as in ``knnlm eval retrieve``; a test
+checks that both paths give the same perplexity.
 With ``λ < 1`` no target has zero probability, so fairseq's eval never drops a
 token as ``±inf``; ``--lmbda 1`` is refused for that reason (use the two-phase
 path, which counts zero-mass tokens).
@@ -21,21 +27,20 @@ path, which counts zero-mass tokens).
 
 # no `from __future__ import annotations`: fairseq reads dataclass field types at runtime
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-import numpy as np
 import torch
 from fairseq.dataclass import ChoiceEnum
 from fairseq.models import BaseFairseqModel
 from fairseq.tasks import register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
 
-from knnlm.datastore import Datastore, KnnIndex, exact_topk, rescore
+from knnlm.datastore.retriever import Retriever
 from knnlm.errors import KnnlmError
 from knnlm.models.capture import KEY_TYPES, KeyCapture
-from knnlm.scoring import knn_distribution
+from knnlm.models.fairseq_lm import output_logprobs
+from knnlm.scoring_torch import interpolate, knn_log_distribution, knn_target_logprob
 
 
 @dataclass
@@ -60,42 +65,32 @@ class KnnLanguageModelingConfig(LanguageModelingConfig):
     )
     knn_temp: float = field(default=1.0, metadata={"help": "softmax temperature τ of the kNN distribution"})
     knn_device: str = field(default="auto", metadata={"help": "device of exact search/rescoring"})
+    knn_full_distribution: bool = field(
+        default=False,
+        metadata={"help": "build the whole interpolated distribution over the vocabulary even when fairseq "
+                  "only reads the targets' probabilities (slower; for code that inspects it)"},
+    )
 
 
-class KnnRetriever:
-    """Neighbour search for query vectors: FAISS (optionally rescored) or exact."""
-
-    def __init__(self, cfg: KnnLanguageModelingConfig) -> None:
-        if not cfg.dstore_filename:
-            raise KnnlmError("--task knnlm_language_modeling needs --dstore-filename DATASTORE_FOLDER")
-        self.store = Datastore.open(cfg.dstore_filename, key_type=str(cfg.knn_keytype))
-        if cfg.dstore_size is not None and cfg.dstore_size != self.store.num_keys:
-            raise KnnlmError(
-                f"--dstore-size {cfg.dstore_size} but {cfg.dstore_filename} holds {self.store.num_keys} keys; "
-                "drop --dstore-size (it is read from the datastore) or point at the right datastore"
-            )
-        self.index = KnnIndex.load(cfg.indexfile, self.store, nprobe=cfg.probe) if cfg.indexfile else None
-        if self.index is not None:
-            self.similarity = self.index.similarity
-            if cfg.knn_similarity is not None and str(cfg.knn_similarity) != self.similarity:
-                raise KnnlmError(f"--knn-similarity {cfg.knn_similarity} differs from the metric of {cfg.indexfile}")
-        elif cfg.knn_similarity is None:
-            raise KnnlmError("exact search (no --indexfile) needs --knn-similarity l2|ip")
-        else:
-            self.similarity = str(cfg.knn_similarity)
-        self.k = min(cfg.k, self.store.num_keys)
-        self.recompute = cfg.knn_sim_func == "recomp"
-        self.device = cfg.knn_device
-
-    def search(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(scores [Q, k], vals [Q, k])``; missing neighbours have score −inf."""
-        if self.index is None:
-            scores, ids = exact_topk(queries, self.store, self.k, self.similarity, device=self.device)
-        else:
-            scores, ids = self.index.search(queries, self.k)
-            if self.recompute:
-                scores = rescore(queries, ids, self.store, self.similarity, device=self.device)
-        return scores, self.store.values_of(ids)
+def open_retriever(cfg: KnnLanguageModelingConfig) -> tuple[Retriever, int]:
+    """The task's retriever and k, from the original kNN-LM flags."""
+    if not cfg.dstore_filename:
+        raise KnnlmError("--task knnlm_language_modeling needs --dstore-filename DATASTORE_FOLDER")
+    retriever = Retriever.open(
+        cfg.dstore_filename,
+        cfg.indexfile or None,
+        similarity=None if cfg.knn_similarity is None else str(cfg.knn_similarity),
+        real_score=cfg.knn_sim_func == "recomp" and bool(cfg.indexfile),
+        nprobe=cfg.probe,
+        device=cfg.knn_device,
+        key_type=str(cfg.knn_keytype),
+    )
+    if cfg.dstore_size is not None and cfg.dstore_size != retriever.num_keys:
+        raise KnnlmError(
+            f"--dstore-size {cfg.dstore_size} but {cfg.dstore_filename} holds {retriever.num_keys} keys; "
+            "drop --dstore-size (it is read from the datastore) or point at the right datastore"
+        )
+    return retriever, min(cfg.k, retriever.num_keys)
 
 
 class KnnInterpolatedLM(BaseFairseqModel):
@@ -104,7 +99,7 @@ class KnnInterpolatedLM(BaseFairseqModel):
     Parameters and state dict are the wrapped LM's (checkpoints load unchanged).
     """
 
-    def __init__(self, lm: BaseFairseqModel, retriever: KnnRetriever, cfg: KnnLanguageModelingConfig) -> None:
+    def __init__(self, lm: BaseFairseqModel, retriever: Retriever, k: int, cfg: KnnLanguageModelingConfig) -> None:
         super().__init__()
         if not 0.0 <= cfg.lmbda < 1.0:
             raise KnnlmError(f"--lmbda must be in [0, 1) for fairseq-eval-lm; got {cfg.lmbda}")
@@ -112,6 +107,8 @@ class KnnInterpolatedLM(BaseFairseqModel):
             raise KnnlmError(f"--knn-temp must be positive; got {cfg.knn_temp}")
         self.lm = lm
         self.retriever = retriever
+        self.k = k
+        self.full_distribution = bool(cfg.knn_full_distribution)
         self.lmbda = float(cfg.lmbda)
         self.temperature = float(cfg.knn_temp)
         self.key_type = str(cfg.knn_keytype)
@@ -139,25 +136,46 @@ class KnnInterpolatedLM(BaseFairseqModel):
         return self.lm.load_state_dict(state_dict, strict=strict, model_cfg=model_cfg)
 
     def get_normalized_probs(self, net_output, log_probs, sample=None):
-        lm_lprobs = self.lm.get_normalized_probs(net_output, log_probs=True, sample=sample).float()
-        queries = net_output[1]["knn_queries"]
-        if queries.shape[:2] != lm_lprobs.shape[:2]:
+        features, extra = net_output[0], net_output[1]
+        queries = extra["knn_queries"]
+        if queries.shape[:2] != features.shape[:2]:
             raise KnnlmError(
                 "the kNN queries do not line up with the scored positions: leave fairseq-eval-lm's "
                 "--softmax-batch at its default"
             )
-        batch, length, vocab = lm_lprobs.shape
-        flat = queries.reshape(batch * length, -1).float().cpu().numpy()
-        scores, vals = self.retriever.search(flat)
-        knn_p = knn_distribution(scores, vals, self.retriever.k, self.temperature, vocab)
-        with np.errstate(divide="ignore"):  # words no neighbour carries: log 0 = -inf, by design
-            knn_log = np.log(knn_p)
-        knn_lprobs = torch.from_numpy(knn_log).to(lm_lprobs).view(batch, length, vocab)
-        mixed = torch.logaddexp(
-            lm_lprobs + math.log1p(-self.lmbda),
-            knn_lprobs + (math.log(self.lmbda) if self.lmbda > 0 else -math.inf),
-        )
+        target = None if sample is None else sample.get("target")
+        if self.full_distribution or target is None or target.shape != features.shape[:2]:
+            mixed = self._full_distribution(net_output, sample)
+        else:
+            mixed = self._target_only(features, queries, target)
         return mixed if log_probs else mixed.exp()
+
+    def _search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Neighbour scores and values of ``queries`` [N, D], as tensors on the queries' device."""
+        scores, ids = self.retriever.search(queries.float().cpu().numpy(), self.k)
+        vals = self.retriever.values_of(ids)
+        return torch.from_numpy(scores).to(queries.device), torch.from_numpy(vals).to(queries.device)
+
+    def _target_only(self, features: torch.Tensor, queries: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """log p(target) at the scored positions (target ≠ pad), as a [B, T, V] view repeating it along V."""
+        scored = target.ne(self.lm.decoder.dictionary.pad())
+        out = torch.zeros(target.shape, dtype=torch.float32, device=features.device)
+        if scored.any():
+            wanted = target[scored]
+            lm = output_logprobs(self.lm.decoder, features[scored], wanted)
+            scores, vals = self._search(queries[scored])
+            knn = knn_target_logprob(scores, vals, wanted, self.k, self.temperature)
+            out[scored] = interpolate(lm.double(), knn, self.lmbda).float()
+        return out.unsqueeze(-1).expand(*target.shape, len(self.lm.decoder.dictionary))
+
+    def _full_distribution(self, net_output, sample) -> torch.Tensor:
+        """The whole interpolated distribution, [B, T, V] (every position searched)."""
+        lm_lprobs = self.lm.get_normalized_probs(net_output, log_probs=True, sample=sample).float()
+        batch, length, vocab = lm_lprobs.shape
+        scores, vals = self._search(net_output[1]["knn_queries"].reshape(batch * length, -1))
+        knn = knn_log_distribution(scores, vals, vocab, self.k, self.temperature)
+        mixed = interpolate(lm_lprobs.reshape(batch * length, vocab).double(), knn, self.lmbda)
+        return mixed.float().view(batch, length, vocab)
 
 
 @register_task("knnlm_language_modeling", dataclass=KnnLanguageModelingConfig)
@@ -167,4 +185,5 @@ class KnnLanguageModelingTask(LanguageModelingTask):
     def build_model(self, cfg, from_checkpoint=False):
         lm = super().build_model(cfg, from_checkpoint)
         options = self.args  # LanguageModelingTask is a legacy task: its options live in .args
-        return KnnInterpolatedLM(lm, KnnRetriever(options), options)
+        retriever, k = open_retriever(options)
+        return KnnInterpolatedLM(lm, retriever, k, options)
