@@ -16,9 +16,32 @@ from knnlm.errors import KnnlmError
 COMMANDS = ["prepare", "datastore", "index", "eval", "score", "replace", "report", "analyze"]
 
 
+VERBOSE_FLAGS = ("-v", "--verbose", "--debug")
+
+
+def configure_logging(verbose: bool) -> None:
+    """knnlm's own messages at INFO, libraries at WARNING; ``-v``: everything at DEBUG, timestamped.
+
+    Runs before any sub-command module is imported: fairseq calls ``logging.basicConfig(level=DEBUG)``
+    while it is imported, and a root logger that has a handler already makes that a no-op, so the
+    loader chatter of faiss, fairseq and matplotlib never reaches the terminal.
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s | %(levelname)s | %(name)s | %(message)s" if verbose else "%(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    logging.getLogger("knnlm").setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="knnlm", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser = argparse.ArgumentParser(prog="knnlm", description=__doc__.splitlines()[0].replace("``", ""))
+    parser.add_argument(
+        *VERBOSE_FLAGS, dest="verbose", action="store_true",
+        help="debug logging of knnlm and its libraries, and full tracebacks",
+    )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"knnlm.cli.{name}").register(subparsers)
@@ -26,16 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    configure_logging(any(flag in argv for flag in VERBOSE_FLAGS))
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
-        force=True,  # importing fairseq configures the root logger first
-    )
     try:
         args.func(args)
     except KnnlmError as err:
+        if args.verbose:
+            raise
         print(f"knnlm {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0
