@@ -201,3 +201,27 @@ def read_progress(path: str | os.PathLike, spec: Any, key: str = "next") -> int:
     except (FileNotFoundError, json.JSONDecodeError):
         return 0
     return int(progress.get(key, 0)) if progress.get("spec") == spec else 0
+
+
+PATH_FIELDS = frozenset(
+    {"path", "checkpoint", "valid_cache", "test_cache", "datastore_path", "lm_cache", "clusters", "cache",
+     "dictionary", "datastore", "data", "index", "data_bin", "training_stream"}
+)
+
+
+def portable_paths(obj: Any) -> Any:
+    """``obj`` with every absolute path under a path field made relative to the working directory.
+
+    Result lines are committed and shared: they name artifacts as seen from where the
+    command ran (``runs/x/cache/valid``, ``../datastores/att``), never by this machine's
+    absolute paths. Other values (fingerprints, hub names) are left as they are.
+    """
+    if isinstance(obj, dict):
+        return {
+            key: os.path.relpath(value) if key in PATH_FIELDS and isinstance(value, str) and os.path.isabs(value)
+            else portable_paths(value)
+            for key, value in obj.items()
+        }
+    if isinstance(obj, list):
+        return [portable_paths(value) for value in obj]
+    return obj

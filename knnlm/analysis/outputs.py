@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from knnlm.evaluation.cache import write_json_atomic
+from knnlm.io import portable_paths, write_json_atomic
 
 
 def to_json(value: Any) -> Any:
@@ -49,7 +49,7 @@ def write_json(path: Path, obj: Mapping[str, Any]) -> Path:
     """Write ``obj`` as strict JSON, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, to_json(obj))
+    write_json_atomic(path, portable_paths(to_json(obj)))
     return path
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -401,7 +402,8 @@ def _from_checkpoint(path: Path) -> tuple[np.ndarray, np.ndarray | None, str]:
     w = model[name].float().numpy()
     bias_key = "decoder.output_projection.bias"
     b = model[bias_key].float().numpy() if bias_key in model else None
-    return w, b, f"{path}:{name}" + (f"+{bias_key}" if b is not None else "")
+    where = os.path.relpath(path) if os.path.isabs(path) else path  # committed with the results
+    return w, b, f"{where}:{name}" + (f"+{bias_key}" if b is not None else "")
 
 
 def plot_stolen(w: np.ndarray, report: ArgmaxReport, vocab: Vocabulary | None, path: Path) -> Path:

@@ -27,6 +27,7 @@ from knnlm.errors import KnnlmError
 from knnlm.evaluation.cache import Cache, check_pair
 from knnlm.evaluation.components import read_component
 from knnlm.evaluation.score import DEFAULT_LAMBDA_GRID, SPLITS, TUNE, _ppl_fields, json_number
+from knnlm.io import portable_paths
 
 SCHEMA = "knnlm.component/1"
 
@@ -84,11 +85,11 @@ def score_component(
         "checkpoint": cache.checkpoint_fingerprint,
         "labels": dict(labels or {}),
     }
-    provenance = {
+    provenance = portable_paths({
         "component_source": meta["source"],
-        "valid_cache": str(cache_valid.path),
-        "test_cache": str(cache_test.path) if (cache_test is not None and split == "test") else None,
+        "valid_cache": str(cache_valid.path.absolute()),
+        "test_cache": str(cache_test.path.absolute()) if (cache_test is not None and split == "test") else None,
         "knnlm_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
+    })
     return {"schema": SCHEMA, "knobs": knobs, "metrics": metrics, "provenance": provenance}

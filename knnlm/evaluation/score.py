@@ -42,6 +42,7 @@ import numpy as np
 from knnlm import __version__, scoring
 from knnlm.errors import KnnlmError
 from knnlm.evaluation.cache import KEY_TYPES, SIMILARITIES, SOURCES, Cache, check_pair, check_retrieval_pair
+from knnlm.io import portable_paths
 
 logger = logging.getLogger(__name__)
 
@@ -328,18 +329,18 @@ def _result(
         "datastore_subsample": ds_sub,
         "datastore_fraction": _round(ds_sub * s.subsample_ratio),
         "datastore_size": info.datastore.get("size"),
-        "index": info.index,
+        "index": portable_paths(info.index),
         "checkpoint": cache.checkpoint_fingerprint,
         "labels": dict(labels or {}),
     }
-    provenance = {
+    provenance = portable_paths({
         "retrieval": info.name,
-        "valid_cache": str(cache_valid.path),
-        "test_cache": str(cache_test.path) if (cache_test is not None and s.split == "test") else None,
+        "valid_cache": str(cache_valid.path.absolute()),
+        "test_cache": str(cache_test.path.absolute()) if (cache_test is not None and s.split == "test") else None,
         "datastore_path": info.datastore.get("path"),
         "knnlm_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
+    })
     return {"schema": SCHEMA, "knobs": knobs, "metrics": metrics, "provenance": provenance}
 
 
