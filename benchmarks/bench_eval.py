@@ -1,6 +1,7 @@
 """Evaluation throughput: the dump vs ``fairseq-eval-lm``, and the one-pass task vs the two-phase path.
 
     .venv/bin/python benchmarks/bench_eval.py [--reps 3] [--threads 1] [--k 1024]
+        [--device cpu|cuda] [--search faiss|exact] [--datastore-keys N]
         [--workdir /tmp/knnlm-bench/eval] [--out benchmarks/results/eval]
 
 Set-up (cached in ``--workdir``): the bundled demo corpus (``knnlm prepare demo``),
@@ -14,6 +15,12 @@ rotating order, on the demo ``valid`` split (~32K tokens) with the same
 * ``dump``: ``knnlm.evaluation.dump.dump_lm`` (LM log-probs, att/ffn queries, positions);
 * ``one_pass``: ``fairseq_cli.eval_lm.main`` with ``--task knnlm_language_modeling`` (k, λ=0.25);
 * ``two_phase``: ``dump_lm`` + ``dump_retrieval`` (same index, k) + ``score`` of that one setting.
+
+``--device cuda`` runs the model, exact search and re-scoring on the GPU (faiss-cpu
+has no GPU search: use ``--search exact``, torch top-k on the GPU).
+``--datastore-keys N`` replaces the demo datastore by one of N keys (WikiText-2 has
+2,088,628): the demo keys and values tiled, with fp16 noise of 1% of their spread, so
+that the search does the work of a datastore that size over keys of the model's space.
 
 Each worker times its own call (imports excluded) and reports tokens/s; ratios are
 medians over repetitions of per-repetition ratios, with min and max. The two-phase
@@ -40,13 +47,17 @@ TPS, CW = 128, 64
 MODES = ("eval_lm", "dump", "one_pass", "two_phase")
 
 
-def _eval_lm_args(work: Path, extra: list[str]) -> list[str]:
+def _eval_lm_args(work: Path, device: str, extra: list[str]) -> list[str]:
     return [
         str(work / "data-bin" / "demo"), "--user-dir", str(USER_DIR),
         "--path", str(work / "ckpt" / "checkpoint_last.pt"),
         "--gen-subset", "valid", "--tokens-per-sample", str(TPS), "--context-window", str(CW),
-        "--max-tokens", "4096", "--cpu", "--num-workers", "0", *extra,
+        "--max-tokens", "4096", "--num-workers", "0", *(["--cpu"] if device == "cpu" else []), *extra,
     ]
+
+
+def _store_name(keys: int | None) -> str:
+    return "att" if keys is None else f"att-{keys}"
 
 
 def _run_eval_lm(args: list[str]) -> float:
@@ -61,7 +72,8 @@ def _run_eval_lm(args: list[str]) -> float:
     return time.perf_counter() - t0
 
 
-def worker(mode: str, work: Path, k: int, scratch: Path) -> dict[str, float]:
+def worker(mode: str, work: Path, k: int, scratch: Path, device: str, search: str,
+           keys: int | None) -> dict[str, float]:
     """One timed run of ``mode`` in this process; returns seconds (and the score-only time)."""
     import knnlm
 
@@ -70,21 +82,23 @@ def worker(mode: str, work: Path, k: int, scratch: Path) -> dict[str, float]:
     from knnlm.evaluation.dump import LMDumpConfig, RetrievalConfig, dump_lm, dump_retrieval
     from knnlm.evaluation.score import ScoreSetting, score
 
-    store, index = work / "ds" / "att", work / "att.l2.faiss"
+    store, index = work / "ds" / _store_name(keys), work / f"{_store_name(keys)}.l2.faiss"
     dump_cfg = LMDumpConfig(checkpoint=str(work / "ckpt" / "checkpoint_last.pt"), data=str(work / "data-bin" / "demo"),
                             out=str(scratch / "valid"), split="valid", tokens_per_sample=TPS, context_window=CW,
-                            max_tokens=4096, device="cpu")
+                            max_tokens=4096, device=device)
     if mode == "eval_lm":
-        return {"seconds": _run_eval_lm(_eval_lm_args(work, []))}
+        return {"seconds": _run_eval_lm(_eval_lm_args(work, device, []))}
     if mode == "one_pass":
-        knn = ["--task", "knnlm_language_modeling", "--dstore-filename", str(store), "--indexfile", str(index),
-               "--k", str(k), "--lmbda", "0.25", "--knn-keytype", "att"]
-        return {"seconds": _run_eval_lm(_eval_lm_args(work, knn))}
+        where = ["--indexfile", str(index)] if search == "faiss" else ["--knn-similarity", "l2"]
+        knn = ["--task", "knnlm_language_modeling", "--dstore-filename", str(store), *where,
+               "--k", str(k), "--lmbda", "0.25", "--knn-keytype", "att", "--knn-device", device]
+        return {"seconds": _run_eval_lm(_eval_lm_args(work, device, knn))}
     t0 = time.perf_counter()
     dump_lm(dump_cfg)
     if mode == "dump":
         return {"seconds": time.perf_counter() - t0}
-    dump_retrieval(RetrievalConfig(cache=dump_cfg.out, datastore=str(store), index=str(index), k_max=k, device="cpu"))
+    where = {"index": str(index)} if search == "faiss" else {"similarity": "l2"}
+    dump_retrieval(RetrievalConfig(cache=dump_cfg.out, datastore=str(store), k_max=k, device=device, **where))
     t1 = time.perf_counter()
     cache = Cache(dump_cfg.out)
     score(cache, None, ScoreSetting(key_type="att", similarity="l2", k=k, temperature=1.0, lam=0.25, split="valid"))
@@ -92,7 +106,7 @@ def worker(mode: str, work: Path, k: int, scratch: Path) -> dict[str, float]:
     return {"seconds": t2 - t0, "score_seconds": t2 - t1}
 
 
-def setup(work: Path) -> int:
+def setup(work: Path, search: str, keys: int | None) -> int:
     """Data, checkpoint, datastore and index, built once; returns the number of valid tokens."""
     import knnlm
 
@@ -115,11 +129,39 @@ def setup(work: Path) -> int:
     build_datastore(DatastoreBuildConfig(checkpoint=str(work / "ckpt" / "checkpoint_last.pt"),
                                          data=str(work / "data-bin" / "demo"), out=str(work / "ds"),
                                          key_types=["att"], tokens_per_sample=TPS, context_window=CW, device="cpu"))
-    if not (work / "att.l2.faiss.meta.json").exists():
-        build_index(IndexBuildConfig(datastore=str(work / "ds" / "att"), out=str(work / "att.l2.faiss"),
+    if keys is not None:
+        _synthetic_datastore(work, keys)
+    name = _store_name(keys)
+    if search == "faiss" and not (work / f"{name}.l2.faiss.meta.json").exists():
+        build_index(IndexBuildConfig(datastore=str(work / "ds" / name), out=str(work / f"{name}.l2.faiss"),
                                      factory="auto", metric="l2", train_size=100_000, device="cpu"))
     meta = json.loads((work / "data-bin" / "demo" / "meta.json").read_text())
     return int(meta["splits"]["valid"]["tokens"])
+
+
+def _synthetic_datastore(work: Path, keys: int) -> None:
+    """A datastore of ``keys`` rows in the demo model's key space: demo keys tiled, plus 1% fp16 noise."""
+    import numpy as np
+
+    from knnlm.datastore import Datastore, write_datastore
+
+    out = work / "ds" / _store_name(keys)
+    if (out / "meta.json").exists():
+        return
+    real = Datastore.open(work / "ds" / "att")
+    rows = np.arange(keys) % real.num_keys
+    base = np.asarray(real.keys, dtype=np.float32)
+    noise = 0.01 * float(base.std())
+    rng = np.random.default_rng(0)
+    tiled = np.lib.format.open_memmap(work / "synthetic-keys.npy", mode="w+", dtype=np.float16,
+                                      shape=(keys, real.key_dim))
+    for start in range(0, keys, 1 << 18):
+        part = rows[start : start + (1 << 18)]
+        tiled[start : start + len(part)] = base[part] + rng.normal(0, noise, (len(part), real.key_dim))
+    write_datastore(out, tiled, np.asarray(real.vals)[rows], key_type="att",
+                    source={**real.meta["source"], "synthetic": f"demo keys tiled to {keys} rows, 1% noise"})
+    del tiled
+    (work / "synthetic-keys.npy").unlink()
 
 
 def _spawn(mode: str, args: argparse.Namespace, rep: int) -> dict[str, float]:
@@ -127,7 +169,8 @@ def _spawn(mode: str, args: argparse.Namespace, rep: int) -> dict[str, float]:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     proc = subprocess.run(
         [sys.executable, __file__, "--worker", mode, "--workdir", args.workdir, "--k", str(args.k),
-         "--scratch", str(scratch)],
+         "--scratch", str(scratch), "--device", args.device, "--search", args.search,
+         *(["--datastore-keys", str(args.datastore_keys)] if args.datastore_keys else [])],
         capture_output=True, text=True, env=env,
     )
     if proc.returncode != 0:
@@ -145,6 +188,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--k", type=int, default=1024)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--search", choices=["faiss", "exact"], default="faiss")
+    parser.add_argument("--datastore-keys", type=int, help="a synthetic datastore of this many keys")
     parser.add_argument("--workdir", default="/tmp/knnlm-bench/eval")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "eval"))
     parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
@@ -154,9 +200,10 @@ def main() -> None:
         import shutil
 
         shutil.rmtree(args.scratch, ignore_errors=True)
-        print(json.dumps(worker(args.worker, Path(args.workdir), args.k, Path(args.scratch))))
+        print(json.dumps(worker(args.worker, Path(args.workdir), args.k, Path(args.scratch), args.device, args.search,
+                                args.datastore_keys)))
         return
-    n_tokens = setup(Path(args.workdir))
+    n_tokens = setup(Path(args.workdir), args.search, args.datastore_keys)
     times: dict[str, list[float]] = {m: [] for m in MODES}
     score_only: list[float] = []
     for rep in range(args.reps):
@@ -170,7 +217,9 @@ def main() -> None:
     results: dict[str, Any] = {
         "command": " ".join([Path(sys.executable).name, "benchmarks/bench_eval.py", *sys.argv[1:]]),
         "date": time.strftime("%Y-%m-%d"),
-        "device": "cpu",
+        "device": args.device,
+        "search": args.search,
+        "datastore_keys": args.datastore_keys,
         "threads": args.threads,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "split_tokens": n_tokens,
@@ -178,6 +227,7 @@ def main() -> None:
         "tokens_per_second": {m: statistics.median(v) for m, v in tps.items()},
         "dump_vs_eval_lm": _ratio(tps["dump"], tps["eval_lm"]),
         "one_pass_vs_two_phase": _ratio(tps["one_pass"], tps["two_phase"]),
+        "one_pass_vs_eval_lm": _ratio(tps["one_pass"], tps["eval_lm"]),
         "score_one_setting_seconds": statistics.median(score_only),
         "seconds": times,
     }
@@ -186,9 +236,11 @@ def main() -> None:
     out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     d, o = results["dump_vs_eval_lm"], results["one_pass_vs_two_phase"]
     table = [
-        f"# Evaluation throughput ({results['date']}, {results['machine']}, {args.threads} thread(s), CPU)",
+        f"# Evaluation throughput ({results['date']}, {results['machine']}, {args.threads} thread(s), "
+        f"{args.device.upper()}, {args.search} search)",
         "",
         f"`{results['command']}`: demo valid split ({n_tokens:,} tokens), tiny model, k={args.k}, "
+        f"datastore of {args.datastore_keys or 'the demo train split'} keys, "
         f"{args.reps} repetitions in rotating order, fresh processes, imports excluded.",
         "",
         "| path | tokens/s (median) |",
@@ -198,6 +250,7 @@ def main() -> None:
         f"- dump / fairseq-eval-lm: **{d['median']:.2f}** (min {d['min']:.2f}, max {d['max']:.2f})",
         f"- one-pass task / two-phase path (dump + retrieve + score one setting): **{o['median']:.2f}** "
         f"(min {o['min']:.2f}, max {o['max']:.2f})",
+        f"- one-pass task / fairseq-eval-lm: **{results['one_pass_vs_eval_lm']['median']:.2f}**",
         f"- scoring one more setting from the cache: {results['score_one_setting_seconds']:.2f} s",
         "",
     ]

@@ -1,8 +1,8 @@
 """Search throughput and recall: IVF-PQ (two nprobe), Flat and exact top-k, and exact top-k vs a plain matmul.
 
-    .venv/bin/python benchmarks/bench_search.py [--num-keys 300000] [--dim 256] [--queries 1024] [--k 1024]
+    .venv/bin/python benchmarks/bench_search.py [--num-keys 300000] [--dim 256] [--queries 4096] [--k 1024]
         [--clusters 2048] [--metric l2] [--factory auto] [--train-size 65536] [--nprobe 8 32]
-        [--chunk-size 32768] [--query-batch 1024] [--reps 3] [--threads 1]
+        [--chunk-size 65536] [--query-batch 4096] [--reps 3] [--threads 1]
         [--workdir /tmp/knnlm-bench/search] [--out benchmarks/results/search]
 
 Keys: a synthetic *clustered* datastore written with ``write_datastore`` (fp16
@@ -161,15 +161,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-keys", type=int, default=300_000)
     parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--queries", type=int, default=1024)
+    parser.add_argument("--queries", type=int, default=4096)
     parser.add_argument("--k", type=int, default=1024)
     parser.add_argument("--clusters", type=int, default=2048)
     parser.add_argument("--metric", choices=["l2", "ip"], default="l2")
     parser.add_argument("--factory", default="auto", help="IVF-PQ factory string (auto: knnlm's choice for N, D)")
     parser.add_argument("--train-size", type=int, default=65_536)
     parser.add_argument("--nprobe", type=int, nargs="+", default=[8, 32])
-    parser.add_argument("--chunk-size", type=int, default=32_768, help="exact_topk key chunk")
-    parser.add_argument("--query-batch", type=int, default=1024, help="exact_topk query batch")
+    parser.add_argument("--chunk-size", type=int, default=65_536, help="exact_topk key chunk")
+    parser.add_argument("--query-batch", type=int, default=4096, help="exact_topk query batch")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch and faiss (OpenMP) threads")
     parser.add_argument("--seed", type=int, default=1)

@@ -15,6 +15,8 @@ BENCHMARKS=(
   "bench_search.py --threads $THREADS"
   "bench_eval.py --threads $THREADS"
   "bench_replacements.py --threads $THREADS"
+  # WikiText-2 scale: needs a trained small model (CKPT) and data-bin/wikitext-2; skipped without them
+  "bench_wikitext2.py --threads $THREADS"
 )
 
 names=" ${BENCHMARKS[*]%% *} "
@@ -27,6 +29,13 @@ done
 
 for entry in "${BENCHMARKS[@]}"; do
   read -r -a cmd <<< "$entry"
+  if [ "${cmd[0]}" = bench_wikitext2.py ]; then
+    if [ -z "${CKPT:-}" ] || [ ! -f data-bin/wikitext-2/dict.txt ]; then
+      echo "skipping bench_wikitext2.py: set CKPT=<a WikiText-2 knnlm_transformer_lm_small checkpoint> and prepare data-bin/wikitext-2"
+      continue
+    fi
+    cmd+=(--checkpoint "$CKPT")
+  fi
   printf '\n== %s (%s thread(s), started %s)\n' "$entry" "$THREADS" "$(date '+%H:%M:%S')"
   python "benchmarks/${cmd[0]}" "${cmd[@]:1}"
 done

@@ -28,6 +28,15 @@ from knnlm.errors import KnnlmError
 _HASH_BLOCK = 1 << 24
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() gives a new file
+
+
 def code_version() -> str:
     """The ``knnlm`` version recorded in every artifact."""
     return __version__
@@ -85,6 +94,7 @@ def write_json_atomic(
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600; an artifact's files all get the same mode
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2, sort_keys=sort_keys, allow_nan=allow_nan)
             f.write("\n")
