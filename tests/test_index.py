@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import shutil
+from pathlib import Path
+
 import faiss
 import numpy as np
 import pytest
@@ -15,7 +19,7 @@ from knnlm.datastore import (
     exact_topk,
     write_datastore,
 )
-from knnlm.datastore.index import index_info, trained_path
+from knnlm.datastore.index import index_info, sidecar_path, trained_path
 from knnlm.errors import KnnlmError
 
 
@@ -246,3 +250,27 @@ def test_gpu_built_index_matches_cpu_search(store, queries, tmp_path):
     cpu = KnnIndex.load(out, store).search(queries, 8)
     gpu = KnnIndex.load(out, store, device="cuda").search(queries, 8)
     np.testing.assert_allclose(gpu[0], cpu[0], rtol=1e-2, atol=1e-2)
+
+
+def test_index_content_is_verified_against_its_sidecar(store, other_store, ivf, tmp_path):
+    """Flipped bytes, or another index of the same size under this sidecar, are refused; the hash is the file's."""
+    meta = index_info(ivf)
+    assert meta["index_sha256"] == hashlib.sha256(Path(ivf).read_bytes()).hexdigest()
+    flipped = tmp_path / "flipped.faiss"
+    data = bytearray(Path(ivf).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    flipped.write_bytes(bytes(data))
+    shutil.copyfile(sidecar_path(ivf), sidecar_path(flipped))
+    with pytest.raises(KnnlmError, match="sha256 differs"):
+        KnnIndex.load(flipped, store)
+    with pytest.raises(KnnlmError, match="sha256 differs"):
+        index_info(flipped)
+    # an index of another datastore, same factory and size, given this index's sidecar
+    other = tmp_path / "other.faiss"
+    build_index(IndexBuildConfig(datastore=str(other_store.path), out=str(other), factory=FACTORY, metric="l2",
+                                 nprobe=8, add_chunk=5000, device="cpu"))
+    assert other.stat().st_size == Path(ivf).stat().st_size
+    shutil.copyfile(sidecar_path(ivf), sidecar_path(other))
+    with pytest.raises(KnnlmError, match="sha256 differs"):
+        KnnIndex.load(other, store)
+    assert KnnIndex.load(other, store, verify=False).ntotal == store.num_keys  # --verify off: size checks only

@@ -16,6 +16,7 @@ and is negated at this boundary.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -201,20 +202,34 @@ def _index_meta(
     }
 
 
+VERIFY_BYTES = 1 << 30  # index files up to this size are hashed on every load; larger ones with --verify
+
+
 def write_index_file(index: faiss.Index, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
-    """Index file first (temp + rename), sidecar last."""
+    """Index file first (temp + rename), sidecar last; the file is hashed as it is written."""
     sidecar_path(path).unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    faiss.write_index(index, str(tmp))
+    digest = hashlib.sha256()
+    with open(tmp, "wb") as f:
+
+        def write(block: bytes) -> None:
+            digest.update(block)
+            f.write(block)
+
+        faiss.write_index(index, faiss.PyCallbackIOWriter(write))
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
-    meta = dict(meta, index_bytes=path.stat().st_size, created=utc_now())
+    meta = dict(meta, index_bytes=path.stat().st_size, index_sha256=digest.hexdigest(), created=utc_now())
     if meta["role"] == "trained":
         meta["trained_id"] = sha256_files([path])
     write_json_atomic(sidecar_path(path), meta)
     return meta
 
 
-def read_index_meta(path: Path) -> dict[str, Any]:
+def read_index_meta(path: Path, verify: bool | None = None) -> dict[str, Any]:
+    """The sidecar of ``path``, checked against the file: its size always, its content hash when
+    ``verify`` (``None``: for files up to :data:`VERIFY_BYTES`, cheap next to loading them)."""
     if not path.exists():
         raise KnnlmError(f"index file {path} does not exist; build it with `knnlm index build`")
     side = sidecar_path(path)
@@ -229,6 +244,13 @@ def read_index_meta(path: Path) -> dict[str, Any]:
         raise KnnlmError(
             f"{path} has {path.stat().st_size} bytes but {side.name} records {meta.get('index_bytes')}: "
             f"the file changed after it was built; rebuild it"
+        )
+    if verify is None:
+        verify = path.stat().st_size <= VERIFY_BYTES
+    if verify and meta.get("index_sha256") and sha256_files([path]) != meta["index_sha256"]:
+        raise KnnlmError(
+            f"{path} does not have the content its sidecar {side.name} records (sha256 differs): the file is "
+            f"corrupt or was replaced by another index of the same size; rebuild it with `knnlm index build`"
         )
     return meta
 
@@ -425,15 +447,17 @@ class KnnIndex:
         device: str = "cpu",
         mmap: bool = False,
         gpu_shard: bool = False,
+        verify: bool | None = None,
     ) -> KnnIndex:
         """Load an index after checking it was built from ``datastore``.
 
         ``device`` ``cuda``/``auto`` moves it to all faiss GPUs (replicated, or
         sharded across them with ``gpu_shard``: faiss's IndexReplicas /
-        IndexShards); ``mmap`` leaves the inverted lists on disk.
+        IndexShards); ``mmap`` leaves the inverted lists on disk. ``verify``: check
+        the file's content hash (default: for files up to 1 GiB).
         """
         path = Path(path)
-        meta = read_index_meta(path)
+        meta = read_index_meta(path, verify=verify)
         if meta.get("role") != "index":
             raise KnnlmError(
                 f"{path} is a trained empty index, not a searchable one; add keys with "
@@ -443,6 +467,9 @@ class KnnIndex:
         index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP if mmap else 0)
         if index.ntotal != datastore.num_keys or index.d != datastore.key_dim:
             raise KnnlmError(f"{path} holds {index.ntotal} x {index.d} vectors, not what its metadata says; rebuild it")
+        faiss_metric = faiss.METRIC_INNER_PRODUCT if meta["metric"] == "ip" else faiss.METRIC_L2
+        if index.metric_type != faiss_metric:
+            raise KnnlmError(f"{path} searches with another metric than its sidecar's {meta['metric']}; rebuild it")
         if use_gpu(device):
             options = faiss.GpuMultipleClonerOptions()
             options.useFloat16 = True
@@ -523,5 +550,5 @@ def check_index_meta(meta: dict[str, Any], datastore: Datastore, where: str) -> 
 
 
 def index_info(path: str | os.PathLike) -> dict[str, Any]:
-    """The verified sidecar of an index file."""
-    return read_index_meta(Path(path))
+    """The sidecar of an index file, its size and content hash verified."""
+    return read_index_meta(Path(path), verify=True)
