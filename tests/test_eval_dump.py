@@ -100,7 +100,7 @@ def test_scoring_reads_the_dumped_caches(caches):
     dumped, store_path, index = caches
     for split in ("valid", "test"):
         dump_retrieval(RetrievalConfig(cache=str(dumped[split]), datastore=str(store_path), index=str(index),
-                                       k_max=32, device="cpu"))
+                                       k_max=32, device="cpu", overwrite=True))
     line = score(Cache(dumped["valid"]), Cache(dumped["test"]),
                  ScoreSetting(key_type="att", similarity="l2", k=32, temperature=1.0, lam="tune"))
     metrics = line["metrics"]
@@ -135,9 +135,9 @@ def test_one_pass_fairseq_task_equals_two_phase_path(caches, tiny_checkpoint, ti
     dumped, store_path, index = caches
     k = 8
     dump_retrieval(RetrievalConfig(cache=str(dumped["test"]), datastore=str(store_path), index=str(index),
-                                   k_max=32, device="cpu"))
+                                   k_max=32, device="cpu", overwrite=True))
     dump_retrieval(RetrievalConfig(cache=str(dumped["valid"]), datastore=str(store_path), index=str(index),
-                                   k_max=32, device="cpu"))
+                                   k_max=32, device="cpu", overwrite=True))
     line = score(Cache(dumped["valid"]), Cache(dumped["test"]),
                  ScoreSetting(key_type="att", similarity="l2", k=k, temperature=temperature, lam=lam))
     one_pass = fairseq_knnlm_ppl(tiny_checkpoint, tiny_data_bin, store_path, index,
@@ -149,12 +149,77 @@ def test_one_pass_fairseq_task_equals_two_phase_path(caches, tiny_checkpoint, ti
 def test_fairseq_task_exact_search_with_real_scores(caches, tiny_checkpoint, tiny_data_bin):
     dumped, store_path, _ = caches
     dump_retrieval(RetrievalConfig(cache=str(dumped["test"]), datastore=str(store_path), similarity="l2",
-                                   k_max=32, device="cpu"))
+                                   k_max=32, device="cpu", overwrite=True))
     dump_retrieval(RetrievalConfig(cache=str(dumped["valid"]), datastore=str(store_path), similarity="l2",
-                                   k_max=32, device="cpu"))
+                                   k_max=32, device="cpu", overwrite=True))
     line = score(Cache(dumped["valid"]), Cache(dumped["test"]),
                  ScoreSetting(key_type="att", similarity="l2", k=16, temperature=1.0, lam=0.25,
                               mask_source="real", score_source="real"))
     one_pass = fairseq_knnlm_ppl(tiny_checkpoint, tiny_data_bin, store_path, None,
                                  ["--k", "16", "--lmbda", "0.25", "--knn-similarity", "l2"])
     assert one_pass == pytest.approx(line["metrics"]["interp_ppl"], rel=2e-4)
+
+
+# -- provenance: a cache or retrieval is reused only for the inputs it was made from ---------------
+
+
+def test_dump_refuses_a_complete_cache_of_other_inputs(caches, tiny_checkpoint, tiny_data_bin, tmp_path):
+    dumped, _, _ = caches
+    cfg = LMDumpConfig(checkpoint=str(tiny_checkpoint), data=str(tiny_data_bin), out=str(tmp_path / "c"),
+                       split="valid", tokens_per_sample=TPS, context_window=CW, max_tokens=256, device="cpu",
+                       limit_tokens=300)
+    dump_lm(cfg)
+    before = (tmp_path / "c" / "lm_logprob.npy").read_bytes()
+    assert dump_lm(cfg) == tmp_path / "c"  # the same inputs: complete already
+    for change in ({"limit_tokens": 200}, {"context_window": CW // 2}, {"split": "test"}):
+        with pytest.raises(KnnlmError, match="holds a cache of other inputs.*--overwrite"):
+            dump_lm(LMDumpConfig(**{**cfg.__dict__, **change}))
+        assert (tmp_path / "c" / "lm_logprob.npy").read_bytes() == before  # untouched
+    dump_lm(LMDumpConfig(**{**cfg.__dict__, "limit_tokens": 200, "overwrite": True}))
+    assert Cache(tmp_path / "c").n_tokens == 200
+
+
+def test_dump_validates_options_before_loading_a_model(tmp_path):
+    bad = {"limit_tokens": 0, "max_tokens": -5, "tokens_per_sample": 0, "context_window": -1}
+    for option, value in bad.items():
+        cfg = LMDumpConfig(checkpoint=str(tmp_path / "no.pt"), data=str(tmp_path), out=str(tmp_path / "c"),
+                           **{option: value})
+        with pytest.raises(KnnlmError, match=option.replace("_", "-")):
+            dump_lm(cfg)
+
+
+def test_retrieve_reuses_its_own_result_and_refuses_to_replace_another(caches, tmp_path):
+    import shutil
+
+    dumped, store_path, index = caches
+    cache = tmp_path / "valid"
+    shutil.copytree(dumped["valid"], cache, ignore=shutil.ignore_patterns("knn"))
+    meta = __import__("json").loads((cache / "meta.json").read_text())
+    meta["retrievals"], meta["k_max"] = [], 0
+    (cache / "meta.json").write_text(__import__("json").dumps(meta))
+    cfg = RetrievalConfig(cache=str(cache), datastore=str(store_path), index=str(index), k_max=8, device="cpu")
+    folder = dump_retrieval(cfg)
+    ids = (folder / "ids.npy").read_bytes()
+    assert np.load(folder / "ids.npy").dtype == np.int32 and np.load(folder / "vals.npy").dtype == np.int32
+    assert dump_retrieval(cfg) == folder  # complete already
+    with pytest.raises(KnnlmError, match="retrieval of other settings.*k 8.*--overwrite"):
+        dump_retrieval(RetrievalConfig(**{**cfg.__dict__, "k_max": 4}))
+    assert (folder / "ids.npy").read_bytes() == ids and Cache(cache).retrieval(folder.name).info.k_max == 8
+    dump_retrieval(RetrievalConfig(**{**cfg.__dict__, "k_max": 4, "overwrite": True}))
+    assert Cache(cache).retrieval(folder.name).info.k_max == 4
+
+
+def test_retrieve_refuses_a_datastore_of_another_checkpoint(caches, tmp_path):
+    from knnlm.datastore import write_datastore
+
+    dumped, store_path, _ = caches
+    real = Datastore.open(store_path)
+    other = write_datastore(tmp_path / "other", np.asarray(real.keys), np.asarray(real.vals), key_type="att",
+                            source={**real.meta["source"], "checkpoint_sha256": "0" * 64})
+    cfg = RetrievalConfig(cache=str(dumped["test"]), datastore=str(other.path), similarity="ip", k_max=4,
+                          device="cpu")
+    with pytest.raises(KnnlmError, match="another checkpoint|different spaces"):
+        dump_retrieval(cfg)
+    folder = dump_retrieval(RetrievalConfig(**{**cfg.__dict__, "allow_other_checkpoint": True}))
+    info = Cache(dumped["test"]).retrieval(folder.name).info
+    assert info.datastore["other_checkpoint"] is True and info.datastore["checkpoint_sha256"] == "0" * 64

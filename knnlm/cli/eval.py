@@ -45,6 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     dump.add_argument("--max-tokens", type=int, default=8192, help="tokens per forward batch")
     dump.add_argument("--limit-tokens", type=int, default=None, help="only the split's first N target tokens")
     dump.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:1, ...")
+    dump.add_argument("--overwrite", action="store_true",
+                      help="replace a complete cache in --out made from another checkpoint, data, split or window")
     dump.set_defaults(func=_dump)
 
     retrieve = jobs.add_parser("retrieve", help="top-k neighbours of every cached query in one datastore")
@@ -57,6 +59,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     retrieve.add_argument("--nprobe", type=int, default=None, help="default: the index's stored nprobe")
     retrieve.add_argument("--batch", type=int, default=4096, help="queries per search call")
     retrieve.add_argument("--device", default="auto")
+    retrieve.add_argument("--overwrite", action="store_true",
+                          help="replace a retrieval of the same name made with another index, nprobe or k")
+    retrieve.add_argument("--allow-other-checkpoint", action="store_true",
+                          help="search a datastore built from another checkpoint than the cache's (recorded)")
     retrieve.set_defaults(func=_retrieve)
 
     component = jobs.add_parser(
@@ -97,6 +103,7 @@ def _dump(args: argparse.Namespace) -> None:
             max_tokens=args.max_tokens,
             limit_tokens=args.limit_tokens,
             device=args.device,
+            overwrite=args.overwrite,
         )
     )
     units = json.loads((Path(out) / "meta.json").read_text()).get("units") or {}
@@ -164,6 +171,8 @@ def _retrieve(args: argparse.Namespace) -> None:
             nprobe=args.nprobe,
             batch=args.batch,
             device=args.device,
+            overwrite=args.overwrite,
+            allow_other_checkpoint=args.allow_other_checkpoint,
         )
     )
     print(f"wrote {folder}")

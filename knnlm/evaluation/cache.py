@@ -87,6 +87,7 @@ class RetrievalInfo:
     k_max: int
     datastore: dict[str, Any] = field(default_factory=dict)
     index: dict[str, Any] | None = None
+    spec: dict[str, Any] | None = None  # what its content depends on (datastore, index file, nprobe, k, ...)
 
     def __post_init__(self) -> None:
         for knob, allowed in zip(_RETRIEVAL_KNOBS, (KEY_TYPES, SIMILARITIES, SOURCES, SOURCES), strict=True):
@@ -270,6 +271,7 @@ class Cache:
                 k_max=int(meta["k_max"]),
                 datastore=dict(meta.get("datastore") or {}),
                 index=meta.get("index"),
+                spec=meta.get("spec"),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise KnnlmError(f"{meta_path} is malformed ({err}); re-run the dump") from err

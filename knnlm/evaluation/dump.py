@@ -70,6 +70,51 @@ class LMDumpConfig:
     device: str = "auto"
     hf_model: str | None = None  # a Hugging Face causal LM (hub name or local folder)
     hf_revision: str | None = None
+    overwrite: bool = False  # replace a complete cache made from other inputs
+
+
+# what a cache's content depends on; a complete cache with other values is another cache
+CACHE_IDENTITY = ("checkpoint_sha256", "data_sha256", "split", "n_tokens", "tokens_per_sample", "context_window")
+CACHE_FILES = ("targets.npy", "lm_logprob.npy", "positions.npy", "word_ids.npy", "query_att.npy", "query_ffn.npy",
+               PROGRESS)
+
+
+def check_dump_options(cfg: LMDumpConfig) -> None:
+    """Refuse meaningless options before any model is loaded."""
+    bounds = (("--limit-tokens", cfg.limit_tokens, 1), ("--max-tokens", cfg.max_tokens, 1),
+              ("--tokens-per-sample", cfg.tokens_per_sample, 1), ("--context-window", cfg.context_window, 0))
+    for name, value, low in bounds:
+        if value is not None and value < low:
+            raise KnnlmError(f"{name} must be at least {low}; got {value}")
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise KnnlmError(f"--out {out} is a file; the cache is a folder: choose another path")
+
+
+def _cache_identity(meta: dict[str, Any]) -> dict[str, Any]:
+    """The identity of a complete cache from its meta.json (caches of every format version)."""
+    dump = meta.get("dump", {})
+    if "identity" in dump:
+        return dump["identity"]
+    context = dump.get("context", {})
+    return {"checkpoint_sha256": meta.get("checkpoint_fingerprint"), "data_sha256": dump.get("data_sha256"),
+            "split": meta.get("split"), "n_tokens": meta.get("n_tokens"),
+            "tokens_per_sample": context.get("tokens_per_sample"), "context_window": context.get("context_window")}
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {str(old.get(k))[:16]} (asked: {str(new.get(k))[:16]})" for k in new if old.get(k) != new[k])
+
+
+def _clear_cache(out: Path) -> None:
+    """Remove a cache's files (meta.json first, so that no reader sees a half-replaced cache)."""
+    import shutil
+
+    (out / "meta.json").unlink(missing_ok=True)
+    for name in CACHE_FILES:
+        (out / name).unlink(missing_ok=True)
+    for folder in ("knn", "components"):
+        shutil.rmtree(out / folder, ignore_errors=True)
 
 
 def id_dtype(limit: int) -> str:
@@ -79,12 +124,8 @@ def id_dtype(limit: int) -> str:
 
 def dump_lm(cfg: LMDumpConfig) -> Path:
     """Write ``targets``, ``lm_logprob``, ``query_att``, ``query_ffn``, ``positions`` of a split."""
+    check_dump_options(cfg)
     out = Path(cfg.out)
-    if (out / "meta.json").exists():
-        meta = json.loads((out / "meta.json").read_text())
-        if meta.get("dump", {}).get("complete"):
-            logger.info("%s is complete already", out)
-            return out
     device = resolve_device(cfg.device)
     lm = open_base_lm(cfg.checkpoint, cfg.hf_model, cfg.data, cfg.hf_revision)
     split_tokens = lm.load_split(cfg.data, cfg.split, words=True)
@@ -104,6 +145,18 @@ def dump_lm(cfg: LMDumpConfig) -> Path:
         **plan.settings(),
         "windows_per_batch": plan.windows_per_batch,
     }
+    identity = {k: spec[k] for k in CACHE_IDENTITY}
+    if (out / "meta.json").exists():
+        old = json.loads((out / "meta.json").read_text())
+        if old.get("dump", {}).get("complete") and _cache_identity(old) == identity:
+            logger.info("%s is complete already", out)
+            return out
+        if not cfg.overwrite:
+            raise KnnlmError(
+                f"{out} holds a cache of other inputs ({_differences(_cache_identity(old), identity)}); "
+                "pass --overwrite to replace it (its retrievals go too) or choose another --out"
+            )
+        _clear_cache(out)
     out.mkdir(parents=True, exist_ok=True)
     start = read_progress(out / PROGRESS, spec)
     resume = start > 0
@@ -142,6 +195,7 @@ def dump_lm(cfg: LMDumpConfig) -> Path:
     extra = {
         "dump": {
             "complete": True,
+            "identity": identity,
             **lm.paths(),
             "data": str(Path(cfg.data).resolve()),
             "split_tokens": len(stream),
@@ -206,10 +260,20 @@ class RetrievalConfig:
     nprobe: int | None = None
     batch: int = 4096
     device: str = "auto"
+    overwrite: bool = False  # replace a retrieval of the same name made with another index, nprobe, k, ...
+    allow_other_checkpoint: bool = False  # search a datastore built from another checkpoint than the cache
+
+
+def check_retrieval_options(cfg: RetrievalConfig) -> None:
+    """Refuse meaningless options before anything is opened."""
+    for name, value in (("--k-max", cfg.k_max), ("--batch", cfg.batch), ("--nprobe", cfg.nprobe)):
+        if value is not None and value < 1:
+            raise KnnlmError(f"{name} must be a positive integer; got {value}")
 
 
 def dump_retrieval(cfg: RetrievalConfig) -> Path:
     """Search the datastore for every cached query; write ``knn/<name>/`` and update the cache meta."""
+    check_retrieval_options(cfg)
     cache = Cache(cfg.cache)
     store = Datastore.open(cfg.datastore)
     if cache.dictionary_fingerprint is not None and cache.dictionary_fingerprint != (
@@ -232,6 +296,14 @@ def dump_retrieval(cfg: RetrievalConfig) -> Path:
             f"{cfg.cache}: {key_type} queries have dimension {queries.shape[1]} but {cfg.datastore} "
             f"holds {store.key_dim}-d keys; use the datastore of the same checkpoint"
         )
+    store_checkpoint = store.meta["source"].get("checkpoint_sha256")
+    other_checkpoint = store_checkpoint is not None and store_checkpoint != cache.checkpoint_fingerprint
+    if other_checkpoint and not cfg.allow_other_checkpoint:
+        raise KnnlmError(
+            f"{cfg.datastore} was built from checkpoint {store_checkpoint[:12]} but the cache {cfg.cache} was dumped "
+            f"from {str(cache.checkpoint_fingerprint)[:12]}: their keys live in different spaces. Use the datastore "
+            "of the cache's checkpoint, or pass --allow-other-checkpoint to search it anyway (recorded)"
+        )
     retriever = Retriever.open(
         store, cfg.index, similarity=cfg.similarity, real_score=cfg.real_score, nprobe=cfg.nprobe, device=cfg.device
     )
@@ -240,6 +312,26 @@ def dump_retrieval(cfg: RetrievalConfig) -> Path:
     mask_source, score_source = retriever.mask_source, retriever.score_source
     name = default_retrieval_name(key_type, similarity, mask_source, score_source)
     folder = Path(cfg.cache) / "knn" / name
+    identity = {
+        "datastore_id": store.datastore_id,
+        "index_sha256": None if index is None else index.meta.get("index_sha256", str(Path(cfg.index).resolve())),
+        "nprobe": None if index is None else index.nprobe,
+        "k": k,
+        "similarity": similarity,
+        "mask_source": mask_source,
+        "score_source": score_source,
+    }
+    if (folder / "meta.json").exists():
+        old = json.loads((folder / "meta.json").read_text())
+        if old.get("spec") == identity and name in cache.retrieval_names:
+            logger.info("%s is complete already", folder)
+            return folder
+        if not cfg.overwrite:
+            differences = _differences(old.get("spec") or {}, identity) or "made before retrievals recorded them"
+            raise KnnlmError(
+                f"{folder} holds a retrieval of other settings ({differences}); pass --overwrite to replace it "
+                "(score lines made from it will describe data that is gone) or retrieve into a copy of the cache"
+            )
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "meta.json").unlink(missing_ok=True)  # incomplete until rewritten
     n = len(queries)
@@ -276,9 +368,12 @@ def dump_retrieval(cfg: RetrievalConfig) -> Path:
             "size": store.num_keys,
             "fingerprint": store.datastore_id,
             "subsample": store.meta.get("subsample"),
+            "checkpoint_sha256": store_checkpoint,
+            **({"other_checkpoint": True} if other_checkpoint else {}),
         },
         index=None if index is None else {"factory": index.meta.get("factory"), "nprobe": index.nprobe,
                                           "path": str(Path(cfg.index).resolve())},
+        spec=identity,
     )
     _register_retrieval(Path(cfg.cache), cache, info)
     (folder / PROGRESS).unlink(missing_ok=True)
