@@ -235,3 +235,64 @@ def portable_paths(obj: Any) -> Any:
     if isinstance(obj, list):
         return [portable_paths(value) for value in obj]
     return obj
+
+
+LOCK_FILE = ".knnlm.lock"
+
+
+class WriterLock:
+    """The one writer of an artifact: an exclusive ``flock`` on a lock file, held while a command writes.
+
+    A second writer is refused at once with the holder's pid and command. The kernel
+    drops the lock when its holder dies (even by ``kill -9``), so a lock left behind is
+    never stale: the next writer takes it over and resumes from the artifact's progress.
+    """
+
+    def __init__(self, path: str | os.PathLike, what: str) -> None:
+        self.path = Path(path)  # the lock file
+        self.what = what
+        self._fd: int | None = None
+
+    @classmethod
+    def for_folder(cls, folder: str | os.PathLike, what: str) -> WriterLock:
+        return cls(Path(folder) / LOCK_FILE, what)
+
+    def __enter__(self) -> WriterLock:
+        import fcntl
+        import sys
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, _FILE_MODE)
+        except OSError as err:  # a file where a folder belongs, a read-only or missing parent, ...
+            raise KnnlmError(
+                f"cannot write {self.what}: {err.strerror} ({err.filename}); choose another output"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace")
+            os.close(fd)
+            try:
+                info = json.loads(holder)
+                who = f"pid {info['pid']}: {info['command']}"
+            except (ValueError, KeyError, TypeError):
+                who = "another process"
+            raise KnnlmError(
+                f"{self.what} is being written by another knnlm process ({who}); wait for it to finish or "
+                "write elsewhere"
+            ) from None
+        record = json.dumps({"pid": os.getpid(), "command": " ".join(sys.argv)[:500], "since": utc_now()})
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, record.encode("utf-8"), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            import fcntl
+
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None

@@ -36,6 +36,7 @@ from knnlm.datastore.store import (
     prepare_output,
 )
 from knnlm.errors import KnnlmError
+from knnlm.io import WriterLock
 from knnlm.models.base_lm import BaseLM, Capture
 from knnlm.models.capture import KEY_TYPES
 from knnlm.models.factory import open_base_lm
@@ -103,7 +104,15 @@ def build_datastore(cfg: DatastoreBuildConfig, on_chunk: ChunkCallback | None = 
 
     ``on_chunk(next_batch, rows_done)`` is called after each committed chunk.
     Returns the datastore folders in the order of ``cfg.key_types``.
+
+    Holds the output's :class:`~knnlm.io.WriterLock` meanwhile: a second writer is refused.
     """
+    with WriterLock.for_folder(cfg.out, f"datastore folder {cfg.out}"):
+        return _build_datastore(cfg, on_chunk)
+
+
+def _build_datastore(cfg: DatastoreBuildConfig, on_chunk: ChunkCallback | None = None) -> list[Path]:
+    """:func:`build_datastore` under its lock."""
     key_types = list(dict.fromkeys(cfg.key_types))
     unknown = [k for k in key_types if k not in KEY_TYPES]
     if unknown or not key_types:

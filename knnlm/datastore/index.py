@@ -36,7 +36,7 @@ from knnlm.datastore.sampling import sample_sorted
 from knnlm.datastore.similarity import Similarity, check_similarity, faiss_distances_to_scores
 from knnlm.datastore.store import Datastore
 from knnlm.errors import KnnlmError
-from knnlm.io import code_version, read_json, sha256_files, utc_now, write_json_atomic
+from knnlm.io import WriterLock, code_version, read_json, sha256_files, utc_now, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -336,7 +336,15 @@ def build_index(cfg: IndexBuildConfig) -> Path:
     A finished index with the same settings is left as it is; a different one is
     refused unless ``overwrite``. The trained empty index is kept as
     :func:`trained_path` so a build interrupted while adding restarts there.
+
+    Holds the output's :class:`~knnlm.io.WriterLock` meanwhile: a second writer is refused.
     """
+    with WriterLock(f"{cfg.out}.lock", f"index {cfg.out}"):
+        return _build_index(cfg)
+
+
+def _build_index(cfg: IndexBuildConfig) -> Path:
+    """:func:`build_index` under its lock."""
     store = Datastore.open(cfg.datastore)
     metric = check_similarity(cfg.metric)
     out = Path(cfg.out)

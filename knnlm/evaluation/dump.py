@@ -43,7 +43,7 @@ from knnlm.evaluation.cache import (
     write_cache_meta,
     write_json_atomic,
 )
-from knnlm.io import NpyRowWriter, read_progress
+from knnlm.io import NpyRowWriter, WriterLock, read_progress
 from knnlm.models.base_lm import BaseLM, Capture
 from knnlm.models.capture import KEY_TYPES
 from knnlm.models.factory import open_base_lm
@@ -123,7 +123,17 @@ def id_dtype(limit: int) -> str:
 
 
 def dump_lm(cfg: LMDumpConfig) -> Path:
-    """Write ``targets``, ``lm_logprob``, ``query_att``, ``query_ffn``, ``positions`` of a split."""
+    """Write ``targets``, ``lm_logprob``, ``query_att``, ``query_ffn``, ``positions`` of a split.
+
+    Holds the cache's :class:`~knnlm.io.WriterLock` meanwhile: a second writer is refused.
+    """
+    check_dump_options(cfg)
+    with WriterLock.for_folder(cfg.out, f"cache {cfg.out}"):
+        return _dump_lm(cfg)
+
+
+def _dump_lm(cfg: LMDumpConfig) -> Path:
+    """:func:`dump_lm` under its lock."""
     check_dump_options(cfg)
     out = Path(cfg.out)
     device = resolve_device(cfg.device)
@@ -272,7 +282,19 @@ def check_retrieval_options(cfg: RetrievalConfig) -> None:
 
 
 def dump_retrieval(cfg: RetrievalConfig) -> Path:
-    """Search the datastore for every cached query; write ``knn/<name>/`` and update the cache meta."""
+    """Search the datastore for every cached query; write ``knn/<name>/`` and update the cache meta.
+
+    Holds the cache's :class:`~knnlm.io.WriterLock` meanwhile: a second writer is refused.
+    """
+    check_retrieval_options(cfg)
+    if not (Path(cfg.cache) / "meta.json").is_file():
+        raise KnnlmError(f"--cache {cfg.cache} is not a cache (no meta.json); dump one with `knnlm eval dump`")
+    with WriterLock.for_folder(cfg.cache, f"cache {cfg.cache}"):
+        return _dump_retrieval(cfg)
+
+
+def _dump_retrieval(cfg: RetrievalConfig) -> Path:
+    """:func:`dump_retrieval` under its lock."""
     check_retrieval_options(cfg)
     cache = Cache(cfg.cache)
     store = Datastore.open(cfg.datastore)
