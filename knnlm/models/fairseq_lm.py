@@ -18,7 +18,13 @@ from knnlm.models.windows import TokenStream
 
 
 def load_language_model(checkpoint: str | os.PathLike, data: str | os.PathLike) -> tuple[nn.Module, Any]:
-    """Load a fairseq LM checkpoint with its task pointed at ``data`` (the data-bin with dict.txt)."""
+    """Load a fairseq LM checkpoint with its task pointed at ``data`` (the data-bin with dict.txt).
+
+    The dictionary must be the one the checkpoint was trained with: where the
+    checkpoint's own data-bin is still on disk, the two ``dict.txt`` must hold the
+    same symbols in the same order (same size is not enough: ids would mean other
+    words); a dictionary of another size is one clear error, not a state-dict traceback.
+    """
     from fairseq import checkpoint_utils
 
     checkpoint, data = Path(checkpoint), Path(data)
@@ -27,10 +33,62 @@ def load_language_model(checkpoint: str | os.PathLike, data: str | os.PathLike) 
     if not (data / "dict.txt").is_file():
         raise KnnlmError(f"{data / 'dict.txt'} is missing; --data must be a fairseq data-bin folder")
     with fairseq_hydra_compat():
-        models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task(
-            [str(checkpoint)], arg_overrides={"data": str(data)}
-        )
+        try:
+            state = checkpoint_utils.load_checkpoint_to_cpu(str(checkpoint))
+        except Exception as err:  # torch.load raises many types for a file that is not a checkpoint
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise KnnlmError(f"{checkpoint} is not a readable fairseq checkpoint ({first[:200]})") from None
+        _check_training_dictionary(checkpoint, state, data)
+        _point_task_at(state, data)
+        try:
+            models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task([str(checkpoint)], state=state)
+        except RuntimeError as err:
+            if "size mismatch" not in str(err):
+                raise
+            raise KnnlmError(
+                f"{checkpoint} does not fit {data / 'dict.txt'} ({_count_symbols(data)} symbols): its embeddings "
+                "have another vocabulary size; pass the data-bin the checkpoint was trained with"
+            ) from None
     return models[0], task
+
+
+def _point_task_at(state: dict[str, Any], data: Path) -> None:
+    """What fairseq's ``arg_overrides={"data": ...}`` does, once the recorded path has been read."""
+    from fairseq.dataclass.utils import overwrite_args_by_name
+
+    if state.get("args") is not None:
+        state["args"].data = str(data)
+    if state.get("cfg") is not None:
+        overwrite_args_by_name(state["cfg"], {"data": str(data)})
+
+
+def _count_symbols(data: Path) -> int:
+    with open(data / "dict.txt", encoding="utf-8") as f:
+        return 4 + sum(1 for _ in f)  # fairseq's <s>, <pad>, </s>, <unk> come first
+
+
+def _check_training_dictionary(checkpoint: Path, state: dict[str, Any], data: Path) -> None:
+    """Refuse ``data`` when the checkpoint's own training data-bin is on disk with another dict.txt."""
+    cfg = state.get("cfg")
+    trained_on = None
+    if cfg is not None and cfg.get("task") is not None:
+        trained_on = cfg["task"].get("data")
+    elif state.get("args") is not None:
+        trained_on = getattr(state["args"], "data", None)
+    if not trained_on:
+        return
+    own = Path(str(trained_on).split(":")[0]) / "dict.txt"
+    given = data / "dict.txt"
+    if not own.is_file() or own.resolve() == given.resolve():
+        return
+    if own.read_bytes().split(b"\n") != given.read_bytes().split(b"\n"):
+        own_symbols = [line.split(" ")[0] for line in own.read_text(encoding="utf-8").splitlines()]
+        given_symbols = [line.split(" ")[0] for line in given.read_text(encoding="utf-8").splitlines()]
+        if own_symbols != given_symbols:
+            raise KnnlmError(
+                f"{given} is not the dictionary {checkpoint} was trained with ({own}): the symbols differ, so ids "
+                "would mean other words; pass --data of the checkpoint's own data-bin"
+            )
 
 
 def load_split(data: str | os.PathLike, split: str, dictionary: Any) -> tuple[TokenStream, str]:
