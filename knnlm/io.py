@@ -296,3 +296,45 @@ class WriterLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+def append_jsonl(path: str | os.PathLike, record: Any) -> None:
+    """Append one strict-JSON line to a results file, under an exclusive lock of that file.
+
+    Concurrent sweep jobs append to one file: each line goes in with one write while
+    the file is locked, so lines never interleave. A torn last line (a writer killed
+    mid-write, a full disk) is cut off before the new line is added, with a warning,
+    so it can never merge with the next record into one unreadable line.
+    """
+    import fcntl
+    import logging
+
+    line = (json.dumps(record, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, _FILE_MODE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            tail_start = _last_line_start(fd, size)
+            logging.getLogger(__name__).warning(
+                "%s ended in a torn line (%d bytes, no newline): removed before appending", path, size - tail_start
+            )
+            os.ftruncate(fd, tail_start)
+        os.write(fd, line)
+    finally:
+        os.close(fd)  # also releases the lock
+
+
+def _last_line_start(fd: int, size: int, block: int = 1 << 16) -> int:
+    """Offset just after the last newline before ``size`` (0 if there is none)."""
+    end = size
+    while end > 0:
+        start = max(0, end - block)
+        chunk = os.pread(fd, end - start, start)
+        cut = chunk.rfind(b"\n")
+        if cut >= 0:
+            return start + cut + 1
+        end = start
+    return 0

@@ -42,3 +42,32 @@ def test_committed_results_hold_no_absolute_paths():
         if paths := absolute(records):
             found[str(path.relative_to(RESULTS))] = paths[:3]
     assert not found
+
+
+def test_append_jsonl_cuts_a_torn_last_line_and_never_merges_records(tmp_path, caplog):
+    from knnlm.io import append_jsonl
+
+    out = tmp_path / "results.jsonl"
+    append_jsonl(out, {"a": 1})
+    with open(out, "ab") as f:
+        f.write(b'{"b": 2, "trunc')  # a writer killed mid-line
+    append_jsonl(out, {"c": 3})
+    assert [json.loads(x) for x in out.read_text().splitlines()] == [{"a": 1}, {"c": 3}]
+    assert "torn line" in caplog.text
+    out.write_bytes(b'{"only": "torn')  # no newline anywhere
+    append_jsonl(out, {"d": 4})
+    assert out.read_text() == '{"d": 4}\n'
+
+
+def test_concurrent_appends_never_interleave(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "results.jsonl"
+    code = ("import sys; from knnlm.io import append_jsonl\n"
+            "for i in range(200): append_jsonl(sys.argv[1], {'worker': sys.argv[2], 'i': i, 'pad': 'x' * 5000})")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(out), str(w)]) for w in range(3)]
+    assert all(p.wait() == 0 for p in procs)
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(lines) == 600
+    assert {(x["worker"], x["i"]) for x in lines} == {(str(w), i) for w in range(3) for i in range(200)}

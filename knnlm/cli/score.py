@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,6 +27,7 @@ from typing import Any, TypeVar
 from knnlm.errors import KnnlmError
 from knnlm.evaluation.cache import KEY_TYPES, SIMILARITIES, SOURCES, Cache
 from knnlm.evaluation.score import SPLITS, TUNE, ScoreSetting, check_settings, expand_grid, score_grid
+from knnlm.io import append_jsonl
 from knnlm.scoring import DEFAULT_CHUNK_ROWS
 
 logger = logging.getLogger(__name__)
@@ -129,17 +129,6 @@ def build_settings(options: Mapping[str, Any]) -> list[ScoreSetting]:
         split=str(options["split"]),
         lambda_grid=_option("lambda_grid", options["lambda_grid"], float),
     )
-
-
-def append_jsonl(path: Path, record: Mapping[str, Any]) -> None:
-    """Append one strict-JSON line with a single write (safe for concurrent sweep jobs)."""
-    line = (json.dumps(record, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line)
-    finally:
-        os.close(fd)
 
 
 def run_score(options: Mapping[str, Any]) -> int:
