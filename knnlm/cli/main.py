@@ -34,6 +34,9 @@ def configure_logging(verbose: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.WARNING)
     logging.getLogger("knnlm").setLevel(logging.DEBUG if verbose else logging.INFO)
+    # Python warnings of the libraries (torch's deprecation notices, ...) only with -v
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.DEBUG if verbose else logging.ERROR)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -135,6 +135,9 @@ def run_score(options: Mapping[str, Any]) -> int:
     """Score the grid described by ``options`` and append the lines to ``options['out']``."""
     if options["split"] not in SPLITS:
         raise KnnlmError(f"--split must be one of {', '.join(SPLITS)}, got {options['split']!r}")
+    if Path(options["out"]).is_dir():
+        out = options["out"]
+        raise KnnlmError(f"--out {out} is a folder; give a results file such as {out}/results.jsonl")
     valid = Cache(options["valid_cache"])
     test = Cache(options["test_cache"]) if options.get("test_cache") else None
     if options["split"] == "test" and test is None:

@@ -35,10 +35,11 @@ from knnlm.datastore.store import (
     finalize_meta,
     prepare_output,
 )
-from knnlm.errors import KnnlmError
+from knnlm.errors import KnnlmError, require_at_least
 from knnlm.io import WriterLock
 from knnlm.models.base_lm import BaseLM, Capture
 from knnlm.models.capture import KEY_TYPES
+from knnlm.models.devices import resolve_device
 from knnlm.models.factory import open_base_lm
 from knnlm.models.fairseq_lm import load_language_model, load_split
 from knnlm.models.windows import ContextPlan, TokenStream, batch_inputs
@@ -78,16 +79,6 @@ class DatastoreBuildConfig:
 ChunkCallback = Callable[[int, int], None]
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` is the GPU where torch sees one, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise KnnlmError(f"--device {device} asked for a GPU but torch sees none; use --device cpu or auto")
-    return dev
-
-
 @dataclass
 class _Target:
     """One datastore being filled by the build."""
@@ -107,6 +98,11 @@ def build_datastore(cfg: DatastoreBuildConfig, on_chunk: ChunkCallback | None = 
 
     Holds the output's :class:`~knnlm.io.WriterLock` meanwhile: a second writer is refused.
     """
+    for option, value, low in (("--tokens-per-sample", cfg.tokens_per_sample, 1), ("--max-tokens", cfg.max_tokens, 1),
+                               ("--context-window", cfg.context_window, 0), ("--chunk-tokens", cfg.chunk_tokens, 1),
+                               ("--num-shards", cfg.num_shards, 1), ("--shard-id", cfg.shard_id, 0)):
+        require_at_least(option, value, low)
+    resolve_device(cfg.device)
     with WriterLock.for_folder(cfg.out, f"datastore folder {cfg.out}"):
         return _build_datastore(cfg, on_chunk)
 
@@ -206,7 +202,7 @@ def make_plan(
 ) -> ContextPlan:
     """The windows of a split: ``tokens_per_sample`` (default: the model's) with ``context_window``
     tokens of carried context (default: half), i.e. a sliding window with stride T − C."""
-    tokens_per_sample = tokens_per_sample or lm.default_tokens_per_sample
+    tokens_per_sample = lm.default_tokens_per_sample if tokens_per_sample is None else tokens_per_sample
     context_window = tokens_per_sample // 2 if context_window is None else context_window
     if lm.max_positions is not None and tokens_per_sample > lm.max_positions:
         raise KnnlmError(

@@ -24,16 +24,7 @@ import torch
 
 from knnlm.datastore.similarity import Similarity, check_similarity
 from knnlm.errors import KnnlmError
-
-
-def resolve_torch_device(device: str | torch.device) -> torch.device:
-    """``auto`` is the GPU where torch sees one, else the CPU."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise KnnlmError(f"device {device} asked for a GPU but torch sees none; use cpu or auto")
-    return dev
+from knnlm.models.devices import resolve_device
 
 
 def _keys_of(datastore: Any) -> np.ndarray:
@@ -78,7 +69,7 @@ def exact_topk(
     queries = _queries(queries, dim)
     if not 1 <= k <= n:
         raise KnnlmError(f"k must be in [1, N={n}]; got {k}")
-    dev = resolve_torch_device(device)
+    dev = resolve_device(device)
     if query_batch is None:
         query_batch = 4096 if dev.type == "cpu" else 1024
     if chunk_size < 1 or query_batch < 1:
@@ -235,7 +226,7 @@ def rescore(
         raise KnnlmError(f"ids must be [Q, k] with Q={len(queries)}; got {list(ids.shape)}")
     if ids.size and (ids.max() >= n or ids.min() < -1):
         raise KnnlmError(f"neighbour ids must be in [-1, {n}); the index does not belong to this datastore")
-    dev = resolve_torch_device(device)
+    dev = resolve_device(device)
     out = np.empty(ids.shape, dtype=np.float32)
     step = max(1, max_elements // max(1, ids.shape[1] * dim))
     for q0 in range(0, len(queries), step):

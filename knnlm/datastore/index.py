@@ -35,7 +35,7 @@ from knnlm.datastore.meta import FORMAT_VERSION, INDEX_FORMAT
 from knnlm.datastore.sampling import sample_sorted
 from knnlm.datastore.similarity import Similarity, check_similarity, faiss_distances_to_scores
 from knnlm.datastore.store import Datastore
-from knnlm.errors import KnnlmError
+from knnlm.errors import KnnlmError, require_at_least
 from knnlm.io import WriterLock, code_version, read_json, sha256_files, utc_now, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -339,6 +339,8 @@ def build_index(cfg: IndexBuildConfig) -> Path:
 
     Holds the output's :class:`~knnlm.io.WriterLock` meanwhile: a second writer is refused.
     """
+    for option, value in (("--nprobe", cfg.nprobe), ("--train-size", cfg.train_size), ("--add-chunk", cfg.add_chunk)):
+        require_at_least(option, value, 1)
     with WriterLock(f"{cfg.out}.lock", f"index {cfg.out}"):
         return _build_index(cfg)
 

@@ -33,9 +33,9 @@ import torch
 from tqdm import tqdm
 
 from knnlm.datastore import Datastore
-from knnlm.datastore.build import make_plan, resolve_device
+from knnlm.datastore.build import make_plan
 from knnlm.datastore.retriever import Retriever
-from knnlm.errors import KnnlmError
+from knnlm.errors import KnnlmError, require_at_least
 from knnlm.evaluation.cache import (
     Cache,
     RetrievalInfo,
@@ -46,6 +46,7 @@ from knnlm.evaluation.cache import (
 from knnlm.io import NpyRowWriter, WriterLock, read_progress
 from knnlm.models.base_lm import BaseLM, Capture
 from knnlm.models.capture import KEY_TYPES
+from knnlm.models.devices import resolve_device
 from knnlm.models.factory import open_base_lm
 from knnlm.models.windows import ContextPlan, batch_inputs
 
@@ -82,10 +83,11 @@ CACHE_FILES = ("targets.npy", "lm_logprob.npy", "positions.npy", "word_ids.npy",
 def check_dump_options(cfg: LMDumpConfig) -> None:
     """Refuse meaningless options before any model is loaded."""
     bounds = (("--limit-tokens", cfg.limit_tokens, 1), ("--max-tokens", cfg.max_tokens, 1),
-              ("--tokens-per-sample", cfg.tokens_per_sample, 1), ("--context-window", cfg.context_window, 0))
+              ("--tokens-per-sample", cfg.tokens_per_sample, 1), ("--context-window", cfg.context_window, 0),
+              ("--chunk-batches", cfg.chunk_batches, 1))
     for name, value, low in bounds:
-        if value is not None and value < low:
-            raise KnnlmError(f"{name} must be at least {low}; got {value}")
+        require_at_least(name, value, low)
+    resolve_device(cfg.device)
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise KnnlmError(f"--out {out} is a file; the cache is a folder: choose another path")
@@ -277,8 +279,8 @@ class RetrievalConfig:
 def check_retrieval_options(cfg: RetrievalConfig) -> None:
     """Refuse meaningless options before anything is opened."""
     for name, value in (("--k-max", cfg.k_max), ("--batch", cfg.batch), ("--nprobe", cfg.nprobe)):
-        if value is not None and value < 1:
-            raise KnnlmError(f"{name} must be a positive integer; got {value}")
+        require_at_least(name, value, 1)
+    resolve_device(cfg.device)
 
 
 def dump_retrieval(cfg: RetrievalConfig) -> Path:
