@@ -12,6 +12,7 @@ import pytest
 from knnlm.analysis.vocab import read_binarized_stream, read_dictionary
 from knnlm.cli import analyze as analyze_cli
 from knnlm.cli import main as cli_main
+from knnlm.cli.configs import config_dir
 from knnlm.errors import KnnlmError
 from knnlm.evaluation.cache import RetrievalArrays, RetrievalInfo, write_cache
 
@@ -224,7 +225,7 @@ def test_hydra_configs_match_the_options(name):
     """Each configs/analyze/<name>.yaml lists exactly the options of the analysis, with the same defaults."""
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(analyze_cli.CONFIG_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(config_dir("analyze")), version_base="1.3"):
         cfg = compose(name)
     from omegaconf import OmegaConf
 
@@ -245,7 +246,7 @@ def test_hydra_config_runs_through_the_same_code(data, tmp_path):
     from omegaconf import OmegaConf
 
     overrides = [f"caches=[{data['model0']},{data['model1']}]", "labels=[a,b]", f"out={tmp_path}", "k=8"]
-    with initialize_config_dir(config_dir=str(analyze_cli.CONFIG_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(config_dir("analyze")), version_base="1.3"):
         cfg = compose("position", overrides=overrides)
     files = analyze_cli.run_analysis("position", OmegaConf.to_container(cfg, resolve=True))
     assert [f.name for f in files] == ["position.csv", "position.png", "position.json"]

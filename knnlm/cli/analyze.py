@@ -26,11 +26,11 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
+from knnlm.cli.configs import config_dir
 from knnlm.errors import KnnlmError
 
 logger = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "analyze"
 
 #: sub-command -> (module of knnlm.analysis, its config class, one-line help)
 ANALYSES: dict[str, tuple[str, str, str]] = {
@@ -300,14 +300,15 @@ def hydra_app() -> None:
     from hydra.utils import to_absolute_path
     from omegaconf import DictConfig, OmegaConf
 
-    @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=None)
+    @hydra.main(version_base="1.3", config_path=str(config_dir("analyze")), config_name=None)
     def _main(cfg: DictConfig) -> None:
         options = OmegaConf.to_container(cfg, resolve=True)
         assert isinstance(options, dict)
         name = options.pop("analysis", None)
         try:
             if name is None:
-                raise KnnlmError(f"pass --config-name, one of {', '.join(ANALYSES)} (configs in {CONFIG_DIR})")
+                folder = config_dir("analyze")
+                raise KnnlmError(f"pass --config-name, one of {', '.join(ANALYSES)} (configs in {folder})")
             for key in PATH_OPTIONS:
                 value = options.get(key)
                 if isinstance(value, list):

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from knnlm.cli.configs import config_dir
 from knnlm.errors import KnnlmError
 from knnlm.evaluation.cache import KEY_TYPES, SIMILARITIES, SOURCES, Cache
 from knnlm.evaluation.score import SPLITS, TUNE, ScoreSetting, check_settings, expand_grid, score_grid
@@ -32,7 +33,6 @@ from knnlm.scoring import DEFAULT_CHUNK_ROWS
 
 logger = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "score"
 
 T = TypeVar("T")
 
@@ -252,7 +252,7 @@ def hydra_app() -> None:
     from hydra.utils import to_absolute_path
     from omegaconf import DictConfig, OmegaConf
 
-    @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="score")
+    @hydra.main(version_base="1.3", config_path=str(config_dir("score")), config_name="score")
     def _main(cfg: DictConfig) -> None:
         options = OmegaConf.to_container(cfg, resolve=True)
         assert isinstance(options, dict)
