@@ -316,3 +316,26 @@ def test_gpu_fp16_build_matches_cpu_keys(full, tiny_checkpoint, tiny_data_bin, t
     assert gpu.meta["compute"]["dtype"] == "float16"
     np.testing.assert_array_equal(gpu.vals, cpu.vals)
     np.testing.assert_allclose(gpu.keys.astype(np.float32), cpu.keys.astype(np.float32), rtol=3e-2, atol=3e-2)
+
+
+def test_sharded_build_through_the_joblib_launcher_equals_the_one_shot_build(full, tiny_checkpoint, tiny_data_bin,
+                                                                              tmp_path):
+    """A hydra multirun over shard_id, two local joblib workers, then merge: the one-shot build's bytes."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    import os
+    import subprocess
+    import sys
+
+    shards = tmp_path / "shards"
+    proc = subprocess.run(
+        [sys.executable, "-m", "knnlm.cli.datastore", "--multirun", "hydra/launcher=joblib",
+         "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={tmp_path / 'multirun'}", f"checkpoint={tiny_checkpoint}",
+         f"data={tiny_data_bin}", "out=" + str(shards) + "/s${shard_id}", "num_shards=2", "shard_id=0,1",
+         f"tokens_per_sample={T}", f"context_window={C}", "max_tokens=256", "chunk_tokens=2048", "device=cpu",
+         "key_types=[att]"],
+        capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged = merge_datastores([shards / "s0" / "att", shards / "s1" / "att"], tmp_path / "merged")
+    assert file_bytes(merged) == file_bytes(full / "att")
+    assert Datastore.open(merged).datastore_id == Datastore.open(full / "att").datastore_id
