@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_search.py [--num-keys 300000] [--dim 256] [--queries 4096] [--k 1024]
         [--clusters 2048] [--metric l2] [--factory auto] [--train-size 65536] [--nprobe 8 32]
-        [--chunk-size 65536] [--query-batch 4096] [--reps 3] [--threads 1]
+        [--chunk-size 262144] [--matmul-chunk 65536] [--query-batch 4096] [--reps 3] [--threads 1]
         [--workdir /tmp/knnlm-bench/search] [--out benchmarks/results/search]
 
 Keys: a synthetic *clustered* datastore written with ``write_datastore`` (fp16
@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--factory", default="auto", help="IVF-PQ factory string (auto: knnlm's choice for N, D)")
     parser.add_argument("--train-size", type=int, default=65_536)
     parser.add_argument("--nprobe", type=int, nargs="+", default=[8, 32])
-    parser.add_argument("--chunk-size", type=int, default=65_536, help="exact_topk key chunk")
+    parser.add_argument("--chunk-size", type=int, default=262_144, help="exact_topk key chunk")
+    parser.add_argument("--matmul-chunk", type=int, default=65_536, help="key chunk of the reference torch.mm")
     parser.add_argument("--query-batch", type=int, default=4096, help="exact_topk query batch")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch and faiss (OpenMP) threads")
@@ -189,9 +190,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ivfpq = KnnIndex.load(indexes["ivfpq"]["path"], store)
     flat = KnnIndex.load(indexes["flat"]["path"], store)
     other = "ip" if args.metric == "l2" else "l2"
+    # the reference matmul streams keys in chunks of --matmul-chunk, a size at which torch.mm runs at
+    # full speed (a [4,096 x 262,144] product alone would be a 4 GiB output and slow the reference down)
     chunks = [
-        torch.from_numpy(np.asarray(store.keys[c : c + args.chunk_size], dtype=np.float32))
-        for c in range(0, store.num_keys, args.chunk_size)
+        torch.from_numpy(np.asarray(store.keys[c : c + args.matmul_chunk], dtype=np.float32))
+        for c in range(0, store.num_keys, args.matmul_chunk)
     ]
 
     def ivf_search(nprobe: int) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
@@ -267,6 +270,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "metric": args.metric,
             "train_size": args.train_size,
             "chunk_size": args.chunk_size,
+            "matmul_chunk": args.matmul_chunk,
             "query_batch": args.query_batch,
             "reps": args.reps,
         },
@@ -302,7 +306,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"({ivf['bytes'] / 2**20:,.1f} MiB, trained and filled in {ivf['build_seconds']} s). "
         f"Flat: `IndexFlat` over fp32 copies ({flat['bytes'] / 2**20:,.1f} MiB, built in {flat['build_seconds']} s). "
         f"exact_topk: key chunks of {setting['chunk_size']:,}, "
-        f"query batches of {setting['query_batch']:,}. {setting['reps']} interleaved repetitions; medians "
+        f"query batches of {setting['query_batch']:,}; the reference torch.mm: key chunks of "
+        f"{setting['matmul_chunk']:,}, same query batches. {setting['reps']} interleaved repetitions; medians "
         "with [min–max].",
         "",
         "| method | queries/s (wall) | queries/s (CPU) | recall@k vs exact | exact nearest in top-k |",

@@ -42,6 +42,7 @@ def _queries(queries: np.ndarray, dim: int) -> np.ndarray:
     return queries
 
 
+_CHUNK_BYTES = 256 << 20  # fp32 key chunk of exact_topk
 _RESCORE_ELEMENTS = 1 << 22  # gathered key values per re-scoring step (16 MiB of fp32: stays in cache)
 
 
@@ -51,7 +52,7 @@ def exact_topk(
     k: int,
     similarity: Similarity = "ip",
     device: str | torch.device = "auto",
-    chunk_size: int = 65536,
+    chunk_size: int | None = None,
     query_batch: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` neighbours of each query among all keys.
@@ -61,7 +62,9 @@ def exact_topk(
     ``query_batch × (chunk_size + 2k)`` fp32 scores plus one fp32 key chunk on a
     GPU, ``query_batch × 3k`` results plus one key chunk on the CPU. ``query_batch``
     defaults to 4,096 on the CPU (each key chunk is converted once per batch) and
-    1,024 on a GPU.
+    1,024 on a GPU; ``chunk_size`` to 256 MiB of fp32 keys (262,144 rows at D = 256): on
+    the CPU, merging per-chunk top-k lists costs more than the search itself with
+    small chunks (k = 1024: 1.5x the matmul at 65,536 rows, 0.9x at 300,000).
     """
     similarity = check_similarity(similarity)
     keys = _keys_of(datastore)
@@ -72,6 +75,8 @@ def exact_topk(
     dev = resolve_device(device)
     if query_batch is None:
         query_batch = 4096 if dev.type == "cpu" else 1024
+    if chunk_size is None:
+        chunk_size = max(1024, _CHUNK_BYTES // (4 * dim))
     if chunk_size < 1 or query_batch < 1:
         raise KnnlmError("chunk_size and query_batch must be positive")
     out_scores = np.empty((len(queries), k), dtype=np.float32)
