@@ -99,9 +99,9 @@ train_seconds() {  # save-dir: wall-clock seconds its training took over all sit
 
 best_valid() {  # fairseq-log: "EPOCH PPL" of the end-of-epoch validation with the lowest loss, or nothing
   [ -f "$1" ] || return 0
-  grep -F '| valid |' "$1" | grep -F 'best_loss' \
+  { grep -F '| valid |' "$1" || true; } \
     | sed -n 's/.*epoch \([0-9]*\) .*| loss \([0-9.]*\) .*| ppl \([0-9.]*\) .*/\2 \1 \3/p' \
-    | sort -g | head -n 1 | cut -d' ' -f2,3
+    | sort -g | head -n 1 | awk '{print $2 + 0, $3}'
 }
 
 train_ppl() {  # fairseq-log: ppl of the last end-of-epoch "| train |" line (2^loss with loss in bits), or nothing

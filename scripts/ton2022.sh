@@ -28,6 +28,7 @@ Options:
   --omegas "W ..."      regularization weights ω (space-separated); with --seeds: their cross product
   --seeds "S ..."       training seeds
   --moco                also train the Eq. 1 model (moco_queue, ω = 1, first seed); default at small scale
+                        without --omegas/--seeds
   --no-moco             leave it out
   --datasets "D ..."    paper scale only: wikitext-2 and/or wikitext-103 (default: both)
   --from DIR|ZIP        offline WikiText copy for `knnlm prepare` (one dataset only)
@@ -68,7 +69,7 @@ done
 case $SCALE in
   small)
     [ -z "$DATASETS" ] || [ "$DATASETS" = wikitext-2 ] || usage_error "--scale small runs wikitext-2 only"
-    DATASETS=wikitext-2 MOCO=${MOCO:-1} ;;
+    DATASETS=wikitext-2 ;;
   paper)
     DATASETS=${DATASETS:-"wikitext-2 wikitext-103"} OMEGAS=${OMEGAS:-"0 0.1 1 2 5 10"} SEEDS=${SEEDS:-"1 2 3 4 5"}
     MOCO=${MOCO:-0} ;;
@@ -85,6 +86,7 @@ MODELS=()
 if [ "$SCALE" = small ] && [ -z "$OMEGAS$SEEDS" ]; then
   MODELS=(activation_l2:0:1 activation_l2:1:1 activation_l2:0:2 activation_l2:1:2 activation_l2:0:3
     activation_l2:1:3 activation_l2:0.1:1 activation_l2:10:1)
+  MOCO=${MOCO:-1}  # the whole set; with --omegas/--seeds only when asked (--moco)
 else
   OMEGAS=${OMEGAS:-"0 1 10"} SEEDS=${SEEDS:-1}
   for seed in $SEEDS; do for omega in $OMEGAS; do MODELS+=("activation_l2:$omega:$seed"); done; done

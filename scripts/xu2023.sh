@@ -14,8 +14,8 @@ Evaluate one LM the ways Xu et al. (2023) do and render the xu2023_* tables and 
 Scales:
   small   CPU: WikiText-2 (word level) and the ω=0, seed-1 model of `scripts/ton2022.sh --scale small`
           (trained here exactly as there if absent, reused if present); att,ffn x l2,ip; the first
-          EVAL_LIMIT (default 50000) tokens of valid/test, exact neighbours for the first
-          EXACT_LIMIT (default 4000).
+          EVAL_LIMIT (default: all) tokens of valid/test, exact neighbours for the first
+          EXACT_LIMIT (default 20000).
   paper   GPU: WikiText-103 with sentencepiece BPE (Xu et al. use BPE; 32K vocabulary, adaptive
           cutoff 20000) and knnlm_transformer_lm_wiki103 trained with Baevski & Auli's recipe, or
           any trained model given with --checkpoint/--data (e.g. the released kNN-LM WikiText-103
@@ -67,16 +67,17 @@ if [ "$SCALE" = small ]; then
   DATA=data-bin/wikitext-2
   ensure_data "$DATA" wikitext-2 ${FROM:+--from "$FROM"}
   ckpt_dir=checkpoints/ton2022-small/wikitext-2/w0-s1  # shared with scripts/ton2022.sh --scale small
-  train_lm small "$DATA" "$ckpt_dir" 0 1
+  train_lm small "$DATA" "$ckpt_dir" 0 1 activation_l2
   CHECKPOINT=$ckpt_dir/checkpoint_best.pt
-  SETTINGS=(TPS=256 CW=128 EVAL_LIMIT="${EVAL_LIMIT:-50000}" EXACT_LIMIT="${EXACT_LIMIT:-4000}")
+  SETTINGS=(TPS=256 CW=128 FACTORY=IVF2048,PQ32 TRAIN_SIZE=200000 NPROBE=32 EVAL_LIMIT="${EVAL_LIMIT:-}"
+    EXACT_LIMIT="${EXACT_LIMIT:-20000}")
 else
   if [ -z "$CHECKPOINT" ]; then
     DATA=data-bin/wikitext-103-bpe32000
     ensure_data "$DATA" wikitext-103 --bpe sentencepiece --vocab-size 32000 ${FROM:+--from "$FROM"}
     ckpt_dir=checkpoints/xu2023-paper/wikitext-103-bpe32000/w0-s1
     # the preset's cutoffs (20000,60000) exceed a 32K vocabulary: one head of 20000, one tail cluster
-    train_lm wiki103 "$DATA" "$ckpt_dir" 0 1 --adaptive-input-cutoff 20000 --adaptive-softmax-cutoff 20000
+    train_lm wiki103 "$DATA" "$ckpt_dir" 0 1 activation_l2 --adaptive-input-cutoff 20000 --adaptive-softmax-cutoff 20000
     CHECKPOINT=$ckpt_dir/checkpoint_best.pt
   fi
   [ -f "$CHECKPOINT" ] || die "no checkpoint $CHECKPOINT"

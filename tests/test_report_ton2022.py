@@ -9,6 +9,7 @@ labels they produce without training anything.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -217,17 +218,24 @@ def test_ton2022_small_trains_each_omega_once_and_labels_its_results(sandbox):
     assert log[0] == "knnlm prepare wikitext-2 --dest data-bin"
     trains = [c for c in log if c.startswith("fairseq-train")]
     assert len(trains) == 2 and "--activation-weight 0.1 --knn-key att" in trains[1]
-    for flag in ("--arch knnlm_transformer_lm_small", "--ddp-backend legacy_ddp", "--max-epoch 1", "--cpu"):
+    for flag in ("--arch knnlm_transformer_lm_small", "--ddp-backend legacy_ddp", "--max-epoch 60 --patience 3",
+                 "--criterion activation_l2", "--cpu"):
         assert flag in trains[0]
     pipelines = [c for c in log if c.startswith("pipeline")]
     assert pipelines[1] == (
         "pipeline CKPT=checkpoints/ton2022-small/wikitext-2/w0.1-s1/checkpoint_best.pt DATA=data-bin/wikitext-2 "
-        "OUT=runs/ton2022-small/wikitext-2/w0.1-s1 KEY_TYPES=att METRICS=l2 TPS=256 EVAL_LIMIT=50000 EXACT_LIMIT=0 "
-        "FACTORY=unset SCORE_ARGS=--label omega=0.1 --label seed=1 --label dataset=wikitext-2 --label train_ppl=173.42"
+        "OUT=runs/ton2022-small/wikitext-2/w0.1-s1 KEY_TYPES=att METRICS=l2 TPS=256 EVAL_LIMIT= EXACT_LIMIT=0 "
+        "FACTORY=IVF2048,PQ32 SCORE_ARGS=--label omega=0.1 --label seed=1 --label dataset=wikitext-2 "
+        "--label criterion=activation_l2 --label train_ppl=173.42"
     )
     out = sandbox / "results" / "ton2022-small"
     assert log[-1] == f"knnlm report {out}/results.jsonl --out {out} --only ton2022_table,ton2022_figure1"
     assert len((out / "results.jsonl").read_text().splitlines()) == 2
+    # one row of training facts per finished model, kept beside its result lines
+    rows = (out / "training.tsv").read_text().splitlines()
+    assert rows[0].split("\t")[:4] == ["dataset", "criterion", "omega", "seed"] and len(rows) == 3
+    assert sorted(p.name for p in (out / "models").glob("*.jsonl")) == ["wikitext-2.w0-s1.jsonl",
+                                                                         "wikitext-2.w0.1-s1.jsonl"]
     # a second run reuses the trained models; xu2023 small reuses the ω=0 one
     assert run_script(sandbox, "repo/scripts/ton2022.sh", "--scale", "small", "--omegas", "0").returncode == 0
     assert run_script(sandbox, "repo/scripts/xu2023.sh", "--scale", "small").returncode == 0
@@ -235,8 +243,8 @@ def test_ton2022_small_trains_each_omega_once_and_labels_its_results(sandbox):
     assert len([c for c in log if c.startswith("fairseq-train")]) == 2
     assert (
         "pipeline CKPT=checkpoints/ton2022-small/wikitext-2/w0-s1/checkpoint_best.pt DATA=data-bin/wikitext-2 "
-        "OUT=runs/xu2023-small KEY_TYPES=att,ffn METRICS=l2,ip TPS=256 EVAL_LIMIT=50000 EXACT_LIMIT=4000 "
-        "FACTORY=unset SCORE_ARGS=--label dataset=wikitext-2"
+        "OUT=runs/xu2023-small KEY_TYPES=att,ffn METRICS=l2,ip TPS=256 EVAL_LIMIT= EXACT_LIMIT=20000 "
+        "FACTORY=IVF2048,PQ32 SCORE_ARGS=--label dataset=wikitext-2"
     ) in log
     out = sandbox / "results" / "xu2023-small"
     assert log[-1] == (
@@ -303,3 +311,18 @@ def test_a_retrained_seed_replaces_the_earlier_one(tmp_path):
     # tuned: 76, 75 -> 75.50 ± 0.71; LM: 78, 77 -> 77.50 ± 0.71; train ppl 64, 64
     assert "| 0 | 2 (1, 2) | 64.00 ± 0.00 (n=2) | 77.50 ± 0.71 (n=2) |" in md
     assert "| 75.50 ± 0.71 (n=2) | 0.35 ± 0.00 (n=2) |" in md
+
+
+def test_ton2022_small_default_set_is_the_converged_reproduction(sandbox):
+    """ω ∈ {0, 1} x seeds {1, 2, 3}, then ω ∈ {0.1, 10} x seed 1, then Eq. 1 (moco_queue, ω = 1); one criterion."""
+    assert run_script(sandbox, "repo/scripts/ton2022.sh", "--scale", "small").returncode == 0
+    trains = [c for c in calls(sandbox) if c.startswith("fairseq-train")]
+    order = [(re.search(r"--criterion (\S+)", t).group(1), re.search(r"--activation-weight (\S+)", t).group(1),
+              re.search(r"--seed (\S+)", t).group(1)) for t in trains]
+    assert order == [("activation_l2", "0", "1"), ("activation_l2", "1", "1"), ("activation_l2", "0", "2"),
+                     ("activation_l2", "1", "2"), ("activation_l2", "0", "3"), ("activation_l2", "1", "3"),
+                     ("activation_l2", "0.1", "1"), ("activation_l2", "10", "1"), ("moco_queue", "1", "1")]
+    assert all("--patience 3" in t and "--max-epoch 60" in t for t in trains)
+    # a rerun trains nothing again
+    assert run_script(sandbox, "repo/scripts/ton2022.sh", "--scale", "small").returncode == 0
+    assert len([c for c in calls(sandbox) if c.startswith("fairseq-train")]) == 9

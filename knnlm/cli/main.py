@@ -63,6 +63,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"knnlm {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.verbose:
+            raise
+        print(
+            f"knnlm {args.command}: interrupted; what was committed is kept (progress.json), and the same "
+            "command resumes from there",
+            file=sys.stderr,
+        )
+        return 130
     return 0
 
 

@@ -37,7 +37,9 @@ from fairseq.tasks import register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
 
 from knnlm.datastore.retriever import Retriever
+from knnlm.datastore.store import Datastore
 from knnlm.errors import KnnlmError
+from knnlm.io import dictionary_fingerprint
 from knnlm.models.capture import KEY_TYPES, KeyCapture
 from knnlm.models.fairseq_lm import output_logprobs
 from knnlm.scoring_torch import interpolate, knn_log_distribution, knn_target_logprob
@@ -72,18 +74,19 @@ class KnnLanguageModelingConfig(LanguageModelingConfig):
     )
 
 
-def open_retriever(cfg: KnnLanguageModelingConfig) -> tuple[Retriever, int]:
-    """The task's retriever and k, from the original kNN-LM flags."""
+def open_retriever(cfg: KnnLanguageModelingConfig, dictionary) -> tuple[Retriever, int]:
+    """The task's retriever and k, from the original kNN-LM flags; the datastore must share the dictionary."""
     if not cfg.dstore_filename:
         raise KnnlmError("--task knnlm_language_modeling needs --dstore-filename DATASTORE_FOLDER")
+    store = Datastore.open(cfg.dstore_filename, key_type=str(cfg.knn_keytype),
+                           dictionary_sha256=dictionary_fingerprint(dictionary))
     retriever = Retriever.open(
-        cfg.dstore_filename,
+        store,
         cfg.indexfile or None,
         similarity=None if cfg.knn_similarity is None else str(cfg.knn_similarity),
         real_score=cfg.knn_sim_func == "recomp" and bool(cfg.indexfile),
         nprobe=cfg.probe,
         device=cfg.knn_device,
-        key_type=str(cfg.knn_keytype),
     )
     if cfg.dstore_size is not None and cfg.dstore_size != retriever.num_keys:
         raise KnnlmError(
@@ -185,5 +188,5 @@ class KnnLanguageModelingTask(LanguageModelingTask):
     def build_model(self, cfg, from_checkpoint=False):
         lm = super().build_model(cfg, from_checkpoint)
         options = self.args  # LanguageModelingTask is a legacy task: its options live in .args
-        retriever, k = open_retriever(options)
+        retriever, k = open_retriever(options, self.source_dictionary)
         return KnnInterpolatedLM(lm, retriever, k, options)
