@@ -19,13 +19,14 @@ step "1/4 prepare the bundled corpus -> $DATA"
 [ -f "$DATA/meta.json" ] || knnlm prepare demo --dest "$DEMO_DIR/data-bin"
 
 step "2/4 train knnlm_transformer_lm_tiny for $MAX_UPDATE updates -> $CKPT_DIR"
-fairseq-train "$DATA" --user-dir "$USER_DIR" --task language_modeling \
+# unbuffered, and grep line by line: each logged step shows as it happens, not at the end
+PYTHONUNBUFFERED=1 fairseq-train "$DATA" --user-dir "$USER_DIR" --task language_modeling \
   --arch knnlm_transformer_lm_tiny --tokens-per-sample 128 --sample-break-mode none \
   --max-tokens 2048 --optimizer adam --adam-betas '(0.9,0.98)' --clip-norm 0.1 --lr 0.002 \
   --lr-scheduler inverse_sqrt --warmup-updates 200 --warmup-init-lr 1e-07 \
   --max-update "$MAX_UPDATE" --seed 1 --cpu --num-workers 0 --save-dir "$CKPT_DIR" \
-  --no-epoch-checkpoints --disable-validation --log-format simple --log-interval 100 2>&1 \
-  | grep -E "train_inner|\| train \||done training" || true
+  --no-epoch-checkpoints --disable-validation --log-format simple --log-interval 50 2>&1 \
+  | grep --line-buffered -E "train_inner|\| train \||done training" || true
 [ -f "$CKPT_DIR/checkpoint_last.pt" ] || { echo "training did not write $CKPT_DIR/checkpoint_last.pt" >&2; exit 1; }
 
 step "3/4 validation perplexity (fairseq-eval-lm, context window 64)"
