@@ -26,7 +26,7 @@ from knnlm import __version__, scoring
 from knnlm.errors import KnnlmError
 from knnlm.evaluation.cache import Cache, check_pair
 from knnlm.evaluation.components import read_component
-from knnlm.evaluation.score import DEFAULT_LAMBDA_GRID, SPLITS, TUNE, _ppl_fields, json_number
+from knnlm.evaluation.score import DEFAULT_LAMBDA_GRID, SPLITS, TUNE, interpolation_metrics
 from knnlm.io import portable_paths
 
 SCHEMA = "knnlm.component/1"
@@ -63,19 +63,7 @@ def score_component(
         comp, meta, lm, cache = valid_comp, valid_meta, valid_lm, cache_valid
     grid = tuple(float(g) for g in lambda_grid)
     used = scoring.tune_lambda(valid_lm, valid_comp, grid) if lam == TUNE else float(lam)
-    interp = scoring.interpolate(lm, comp, used)
-    metrics: dict[str, Any] = {"n_tokens": int(lm.size)}
-    metrics.update(_ppl_fields("lm", lm))
-    metrics.update(_ppl_fields("component", comp))
-    metrics.update(_ppl_fields("interp", interp))
-    del metrics["lm_zero_mass"]
-    metrics["oracle_ppl"] = json_number(scoring.perplexity(scoring.oracle_logprob(lm, comp)).ppl)
-    metrics.update(
-        lambda_used=used,
-        lambda_tuned_on="valid" if lam == TUNE else None,
-        tuned_on_reported_split=lam == TUNE and split == "valid",
-        valid_interp_ppl=json_number(scoring.perplexity(scoring.interpolate(valid_lm, valid_comp, used)).ppl),
-    )
+    metrics = interpolation_metrics("component", lm, comp, valid_lm, valid_comp, used, lam, split)
     knobs = {
         "split": split,
         "component": name,

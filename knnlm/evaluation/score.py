@@ -141,6 +141,42 @@ def _word_ppl_fields(n_words: int, parts: Mapping[str, np.ndarray]) -> dict[str,
     return out
 
 
+def interpolation_metrics(
+    part: str,
+    lm: np.ndarray,
+    other: np.ndarray,
+    valid_lm: np.ndarray,
+    valid_other: np.ndarray,
+    lam_used: float,
+    lam_asked: float | str,
+    split: str,
+    units: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The metrics of a result line: the LM, the ``part`` alone (``knn`` or ``component``), their
+    interpolation at ``lam_used`` and the oracle, on the reported split; the interpolation on valid;
+    per-word perplexities where ``units`` says tokens are pieces of words. Score lines and component
+    lines both come from here."""
+    interp = scoring.interpolate(lm, other, lam_used)
+    oracle = scoring.oracle_logprob(lm, other)
+    metrics: dict[str, Any] = {"n_tokens": int(lm.size)}
+    metrics.update(_ppl_fields("lm", lm))
+    metrics.update(_ppl_fields(part, other))
+    metrics.update(_ppl_fields("interp", interp))
+    del metrics["lm_zero_mass"]
+    metrics["oracle_ppl"] = json_number(scoring.perplexity(oracle).ppl)
+    metrics.update(
+        lambda_used=lam_used,
+        lambda_tuned_on="valid" if lam_asked == TUNE else None,
+        tuned_on_reported_split=lam_asked == TUNE and split == "valid",
+        valid_interp_ppl=json_number(scoring.perplexity(scoring.interpolate(valid_lm, valid_other, lam_used)).ppl),
+    )
+    if units and units.get("n_words"):
+        parts = {"lm": lm, part: other, "interp": interp, "oracle": oracle}
+        metrics.update(_word_ppl_fields(int(units["n_words"]), parts))
+        metrics["token_unit"] = units.get("token")
+    return metrics
+
+
 def _subsample_method(datastore_subsample: float, ratio: float) -> str:
     parts = []
     if datastore_subsample < 1.0:
@@ -289,30 +325,13 @@ def _result(
     cache = cache_test if s.split == "test" else cache_valid
     assert cache is not None
     knn = reported.knn[ki, ti]
-    interp = scoring.interpolate(reported.lm, knn, lam)
     used = reported.used[s.k]
     retrieval = cache.find(*s.retrieval_knobs)
     info = retrieval.info
     ds_sub = info.datastore_subsample
-    metrics: dict[str, Any] = {"n_tokens": int(reported.lm.size)}
-    metrics.update(_ppl_fields("lm", reported.lm))
-    metrics.update(_ppl_fields("knn", knn))
-    metrics.update(_ppl_fields("interp", interp))
-    metrics["oracle_ppl"] = json_number(scoring.perplexity(scoring.oracle_logprob(reported.lm, knn)).ppl)
-    metrics.update(
-        lambda_used=lam,
-        lambda_tuned_on="valid" if s.lam == TUNE else None,
-        tuned_on_reported_split=s.lam == TUNE and s.split == "valid",
-        valid_interp_ppl=json_number(scoring.perplexity(scoring.interpolate(valid.lm, valid_knn, lam)).ppl),
-        neighbours_used_mean=float(used.mean()),
-        tokens_short_of_k=int(np.count_nonzero(used < s.k)),
-    )
-    del metrics["lm_zero_mass"]
-    units = cache.meta.get("units") or {}
-    if units.get("n_words"):
-        parts = {"lm": reported.lm, "knn": knn, "interp": interp, "oracle": scoring.oracle_logprob(reported.lm, knn)}
-        metrics.update(_word_ppl_fields(int(units["n_words"]), parts))
-        metrics["token_unit"] = units.get("token")
+    metrics = interpolation_metrics("knn", reported.lm, knn, valid.lm, valid_knn, lam, s.lam, s.split,
+                                    cache.meta.get("units"))
+    metrics.update(neighbours_used_mean=float(used.mean()), tokens_short_of_k=int(np.count_nonzero(used < s.k)))
     knobs = {
         "split": s.split,
         "key_type": s.key_type,
