@@ -70,7 +70,7 @@ set_train_args() {  # recipe: fills TRAIN_ARGS for small | wiki2 | wiki103
 }
 
 train_lm() {  # recipe data save-dir omega seed criterion [fairseq-train options...]: train once, then reuse
-  local recipe=$1 data=$2 dir=$3 omega=$4 seed=$5 criterion=$6 t0=$SECONDS
+  local recipe=$1 data=$2 dir=$3 omega=$4 seed=$5 criterion=$6
   shift 6
   if [ -f "$dir/train.done" ] && [ -f "$dir/checkpoint_best.pt" ]; then
     echo "reusing $dir/checkpoint_best.pt (delete $dir/train.done to train again)"
@@ -85,16 +85,15 @@ train_lm() {  # recipe data save-dir omega seed criterion [fairseq-train options
     --seed "$seed" --save-dir "$dir" --no-epoch-checkpoints --log-format simple --log-interval 100 \
     "${TRAIN_ARGS[@]}" "$@" >> "$dir/train.log" 2>&1 \
     || { tail -n 20 "$dir/train.log" >&2; die "fairseq-train failed; see $dir/train.log"; }
-  # wall-clock seconds of every sitting, summed by train_seconds
-  echo $((SECONDS - t0)) >> "$dir/train.seconds"
   [ -f "$dir/checkpoint_best.pt" ] || die "no $dir/checkpoint_best.pt after training (validation disabled?)"
   grep -F -e '| train |' -e '| valid |' "$dir/train.log" | tail -n 2 || true
   touch "$dir/train.done"
 }
 
-train_seconds() {  # save-dir: wall-clock seconds its training took over all sittings (empty if unknown)
-  [ -f "$1/train.seconds" ] && awk '{s += $1} END {print s}' "$1/train.seconds"
-  return 0
+train_seconds() {  # save-dir: seconds of training over all sittings, the sum of fairseq's per-epoch train_wall
+  [ -f "$1/train.log" ] || return 0
+  { grep -F '| train |' "$1/train.log" || true; } | sed -n 's/.*| train_wall \([0-9.]*\) .*/\1/p' \
+    | awk '{s += $1} END {if (NR) print s}'
 }
 
 best_valid() {  # fairseq-log: "EPOCH PPL" of the end-of-epoch validation with the lowest loss, or nothing

@@ -39,7 +39,7 @@ Every finished model is skipped on a rerun and an interrupted training resumes f
 checkpoint_last.pt, so the set can be completed over several sittings; the report is rendered from
 the models finished so far, and each one's result lines are kept in <out>/models/<name>.jsonl.
 
-Outputs: checkpoints/ton2022-<scale>/<dataset>/<name>/ (train.log, checkpoint_best.pt, train.seconds),
+Outputs: checkpoints/ton2022-<scale>/<dataset>/<name>/ (train.log, checkpoint_best.pt),
 runs/ton2022-<scale>/<dataset>/<name>/ (pipeline), <out>/results.jsonl, <out>/training.tsv, <out>/report.md.
 Environment: EPOCHS, PATIENCE, EVAL_LIMIT, GPUS (paper: GPUs per training; default all that nvidia-smi
 lists), WIKI2_MAX_UPDATE/WIKI2_WARMUP (paper WikiText-2 schedule), and the variables of
