@@ -274,3 +274,10 @@ def test_index_content_is_verified_against_its_sidecar(store, other_store, ivf, 
     with pytest.raises(KnnlmError, match="sha256 differs"):
         KnnIndex.load(other, store)
     assert KnnIndex.load(other, store, verify=False).ntotal == store.num_keys  # --verify off: size checks only
+
+
+def test_a_memory_mapped_index_searches_like_a_loaded_one(store, ivf, queries):
+    loaded = KnnIndex.load(ivf, store).search(queries, 16)
+    mapped = KnnIndex.load(ivf, store, mmap=True).search(queries, 16)
+    np.testing.assert_array_equal(loaded[1], mapped[1])
+    np.testing.assert_array_equal(loaded[0], mapped[0])

@@ -59,6 +59,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     retrieve.add_argument("--nprobe", type=int, default=None, help="default: the index's stored nprobe")
     retrieve.add_argument("--batch", type=int, default=4096, help="queries per search call")
     retrieve.add_argument("--device", default="auto")
+    retrieve.add_argument("--mmap", action="store_true",
+                          help="leave the index's inverted lists on disk (faiss IO_FLAG_MMAP): indexes larger than RAM")
     retrieve.add_argument("--overwrite", action="store_true",
                           help="replace a retrieval of the same name made with another index, nprobe or k")
     retrieve.add_argument("--allow-other-checkpoint", action="store_true",
@@ -171,6 +173,7 @@ def _retrieve(args: argparse.Namespace) -> None:
             nprobe=args.nprobe,
             batch=args.batch,
             device=args.device,
+            mmap=args.mmap,
             overwrite=args.overwrite,
             allow_other_checkpoint=args.allow_other_checkpoint,
         )

@@ -272,6 +272,7 @@ class RetrievalConfig:
     nprobe: int | None = None
     batch: int = 4096
     device: str = "auto"
+    mmap: bool = False  # leave the index's inverted lists on disk (indexes larger than memory)
     overwrite: bool = False  # replace a retrieval of the same name made with another index, nprobe, k, ...
     allow_other_checkpoint: bool = False  # search a datastore built from another checkpoint than the cache
 
@@ -329,7 +330,8 @@ def _dump_retrieval(cfg: RetrievalConfig) -> Path:
             "of the cache's checkpoint, or pass --allow-other-checkpoint to search it anyway (recorded)"
         )
     retriever = Retriever.open(
-        store, cfg.index, similarity=cfg.similarity, real_score=cfg.real_score, nprobe=cfg.nprobe, device=cfg.device
+        store, cfg.index, similarity=cfg.similarity, real_score=cfg.real_score, nprobe=cfg.nprobe, device=cfg.device,
+        mmap=cfg.mmap,
     )
     index, similarity = retriever.index, retriever.similarity
     k = min(cfg.k_max, store.num_keys)

@@ -67,6 +67,9 @@ class KnnLanguageModelingConfig(LanguageModelingConfig):
     )
     knn_temp: float = field(default=1.0, metadata={"help": "softmax temperature τ of the kNN distribution"})
     knn_device: str = field(default="auto", metadata={"help": "device of exact search/rescoring"})
+    knn_mmap: bool = field(
+        default=False, metadata={"help": "leave the index's inverted lists on disk (indexes larger than RAM)"}
+    )
     knn_full_distribution: bool = field(
         default=False,
         metadata={"help": "build the whole interpolated distribution over the vocabulary even when fairseq "
@@ -87,6 +90,7 @@ def open_retriever(cfg: KnnLanguageModelingConfig, dictionary) -> tuple[Retrieve
         real_score=cfg.knn_sim_func == "recomp" and bool(cfg.indexfile),
         nprobe=cfg.probe,
         device=cfg.knn_device,
+        mmap=bool(cfg.knn_mmap),
     )
     if cfg.dstore_size is not None and cfg.dstore_size != retriever.num_keys:
         raise KnnlmError(
