@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-CHATTER = re.compile(r"^(DEBUG|INFO)[:| ]|faiss\\.loader|matplotlib|tensorboardX", re.MULTILINE)
+CHATTER = re.compile(r"^(DEBUG|INFO)[:| ]|faiss\.loader|matplotlib|tensorboardX", re.MULTILINE)
 
 
 def knnlm(*args: str) -> subprocess.CompletedProcess:
