@@ -12,14 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import fields
 
+from knnlm.cli.options import add_config_arguments, config_from_args
 from knnlm.datastore.build import DatastoreBuildConfig, build_datastore, build_summary
 from knnlm.datastore.shards import merge_datastores
 from knnlm.datastore.store import Datastore
 from knnlm.errors import KnnlmError
-
-_DEFAULTS = DatastoreBuildConfig()
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,60 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Run a fairseq LM (or a Hugging Face causal LM) over a split with eval_lm's contexts and "
         "write one datastore per key type (OUT/<key_type>). Resumes an interrupted build.",
     )
-    add_base_model_arguments(build)
-    build.add_argument("--out", required=True, help="output folder; datastores go to OUT/att and OUT/ffn")
-    build.add_argument("--split", default=_DEFAULTS.split)
-    build.add_argument(
-        "--key-types",
-        default=",".join(_DEFAULTS.key_types),
-        help="comma-separated subset of att,ffn (default: both, one forward pass)",
-    )
-    build.add_argument(
-        "--tokens-per-sample",
-        type=int,
-        default=None,
-        help="longest window, as fairseq 0.12 eval_lm (default: the checkpoint's)",
-    )
-    build.add_argument(
-        "--context-window",
-        type=int,
-        default=None,
-        help="left context carried into each window (default: tokens-per-sample / 2)",
-    )
-    build.add_argument(
-        "--max-tokens",
-        type=int,
-        default=_DEFAULTS.max_tokens,
-        help="tokens per batch; windows per batch = max-tokens // tokens-per-sample",
-    )
-    build.add_argument(
-        "--chunk-tokens",
-        type=int,
-        default=_DEFAULTS.chunk_tokens,
-        help="target tokens between commits (resume granularity)",
-    )
-    build.add_argument(
-        "--subsample",
-        type=float,
-        default=None,
-        metavar="RATIO",
-        help="keep a uniform random RATIO of the tokens (with --seed)",
-    )
-    build.add_argument("--seed", type=int, default=_DEFAULTS.seed)
-    build.add_argument("--num-shards", type=int, default=1)
-    build.add_argument("--shard-id", type=int, default=0)
-    build.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
-    build.add_argument(
-        "--fp16",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="forward in fp16 (default: on GPU)",
-    )
-    build.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace a datastore built with other settings instead of refusing",
-    )
+    add_config_arguments(build, DatastoreBuildConfig, metavars={"hf_model": "NAME_OR_PATH", "subsample": "RATIO"})
     build.set_defaults(func=_build)
 
     merge = actions.add_parser(
@@ -108,35 +53,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     info.set_defaults(func=_info)
 
 
-def add_base_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--checkpoint`` or ``--hf-model`` (one of them), and ``--data`` to go with it."""
-    parser.add_argument("--checkpoint", default=None, help="fairseq LM checkpoint (.pt)")
-    parser.add_argument(
-        "--hf-model",
-        default=None,
-        metavar="NAME_OR_PATH",
-        help="instead of --checkpoint: a Hugging Face causal LM (hub name or save_pretrained folder; "
-        "pip install -e .[hf]); tokens are its tokenizer's",
-    )
-    parser.add_argument("--hf-revision", default=None, help="hub revision (branch, tag or commit) of --hf-model")
-    parser.add_argument(
-        "--data",
-        required=True,
-        help="fairseq data-bin folder (dict.txt, SPLIT.bin/.idx); with --hf-model a folder of raw text "
-        "(wiki.SPLIT.raw, wiki.SPLIT.tokens or SPLIT.txt)",
-    )
-
-
-def config_from_args(args: argparse.Namespace) -> DatastoreBuildConfig:
-    """The build configuration of parsed ``datastore build`` arguments."""
-    names = {f.name for f in fields(DatastoreBuildConfig)}
-    values = {k: v for k, v in vars(args).items() if k in names}
-    values["key_types"] = [k.strip() for k in args.key_types.split(",") if k.strip()]
-    return DatastoreBuildConfig(**values)
-
-
 def _build(args: argparse.Namespace) -> None:
-    print(build_summary(build_datastore(config_from_args(args))))
+    print(build_summary(build_datastore(config_from_args(DatastoreBuildConfig, args))))
 
 
 def _merge(args: argparse.Namespace) -> None:

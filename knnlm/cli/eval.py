@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from knnlm.cli.datastore import add_base_model_arguments
+from knnlm.cli.options import add_config_arguments, config_from_args
 from knnlm.errors import KnnlmError
 from knnlm.evaluation.dump import LMDumpConfig, RetrievalConfig, describe_perplexity, dump_lm, dump_retrieval
 
@@ -27,44 +27,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     jobs = parser.add_subparsers(dest="job", required=True, metavar="JOB")
 
     dump = jobs.add_parser("dump", help="one LM pass over a split: targets, LM log-probs, att/ffn queries")
-    add_base_model_arguments(dump)
-    dump.add_argument("--split", default="valid")
-    dump.add_argument("--out", required=True, help="cache folder to write")
-    dump.add_argument(
-        "--tokens-per-sample",
-        type=int,
-        default=None,
-        help="window length T (default: the checkpoint's; with --hf-model min(1024, the model's positions))",
-    )
-    dump.add_argument(
-        "--context-window",
-        type=int,
-        default=None,
-        help="context C carried into each window (default: T/2); the window slides by stride T - C",
-    )
-    dump.add_argument("--max-tokens", type=int, default=8192, help="tokens per forward batch")
-    dump.add_argument("--limit-tokens", type=int, default=None, help="only the split's first N target tokens")
-    dump.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:1, ...")
-    dump.add_argument("--overwrite", action="store_true",
-                      help="replace a complete cache in --out made from another checkpoint, data, split or window")
+    add_config_arguments(dump, LMDumpConfig, defaults={"checkpoint": None}, metavars={"hf_model": "NAME_OR_PATH"})
     dump.set_defaults(func=_dump)
 
     retrieve = jobs.add_parser("retrieve", help="top-k neighbours of every cached query in one datastore")
-    retrieve.add_argument("--cache", required=True)
-    retrieve.add_argument("--datastore", required=True)
-    retrieve.add_argument("--index", default=None, help="FAISS index file; without it: exact search")
-    retrieve.add_argument("--similarity", choices=["l2", "ip"], default=None, help="required for exact search")
-    retrieve.add_argument("--real-score", action="store_true", help="rescore FAISS neighbours from stored keys")
-    retrieve.add_argument("--k-max", type=int, default=1024)
-    retrieve.add_argument("--nprobe", type=int, default=None, help="default: the index's stored nprobe")
-    retrieve.add_argument("--batch", type=int, default=4096, help="queries per search call")
-    retrieve.add_argument("--device", default="auto")
-    retrieve.add_argument("--mmap", action="store_true",
-                          help="leave the index's inverted lists on disk (faiss IO_FLAG_MMAP): indexes larger than RAM")
-    retrieve.add_argument("--overwrite", action="store_true",
-                          help="replace a retrieval of the same name made with another index, nprobe or k")
-    retrieve.add_argument("--allow-other-checkpoint", action="store_true",
-                          help="search a datastore built from another checkpoint than the cache's (recorded)")
+    add_config_arguments(retrieve, RetrievalConfig, choices={"similarity": ("l2", "ip")})
     retrieve.set_defaults(func=_retrieve)
 
     component = jobs.add_parser(
@@ -92,22 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _dump(args: argparse.Namespace) -> None:
-    out = dump_lm(
-        LMDumpConfig(
-            checkpoint=args.checkpoint,
-            hf_model=args.hf_model,
-            hf_revision=args.hf_revision,
-            data=args.data,
-            out=args.out,
-            split=args.split,
-            tokens_per_sample=args.tokens_per_sample,
-            context_window=args.context_window,
-            max_tokens=args.max_tokens,
-            limit_tokens=args.limit_tokens,
-            device=args.device,
-            overwrite=args.overwrite,
-        )
-    )
+    out = dump_lm(config_from_args(LMDumpConfig, args))
     units = json.loads((Path(out) / "meta.json").read_text()).get("units") or {}
     print(f"{out}: {describe_perplexity(np.load(Path(out) / 'lm_logprob.npy'), units.get('n_words'))}")
     if units.get("token"):
@@ -162,20 +114,5 @@ def _write_component(cache, name: str, logprob: np.ndarray, knobs: dict, source:
 
 
 def _retrieve(args: argparse.Namespace) -> None:
-    folder = dump_retrieval(
-        RetrievalConfig(
-            cache=args.cache,
-            datastore=args.datastore,
-            index=args.index,
-            similarity=args.similarity,
-            real_score=args.real_score,
-            k_max=args.k_max,
-            nprobe=args.nprobe,
-            batch=args.batch,
-            device=args.device,
-            mmap=args.mmap,
-            overwrite=args.overwrite,
-            allow_other_checkpoint=args.allow_other_checkpoint,
-        )
-    )
+    folder = dump_retrieval(config_from_args(RetrievalConfig, args))
     print(f"wrote {folder}")

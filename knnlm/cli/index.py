@@ -10,45 +10,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import fields
 
-from knnlm.datastore.index import DEFAULT_FACTORY, IndexBuildConfig, build_index, index_info
+from knnlm.cli.options import add_config_arguments, config_from_args
+from knnlm.datastore.index import IndexBuildConfig, build_index, index_info
 from knnlm.datastore.shards import merge_index_ondisk
 from knnlm.datastore.store import Datastore
 from knnlm.errors import KnnlmError
 
-_DEFAULTS = IndexBuildConfig()
-
 
 def _add_build_options(parser: argparse.ArgumentParser, train_only: bool) -> None:
-    parser.add_argument("--datastore", required=True, help="datastore folder (e.g. datastores/wt103/ffn)")
-    parser.add_argument("--out", required=True, help="index file to write; its metadata goes to OUT.meta.json")
-    parser.add_argument(
-        "--factory",
-        default=DEFAULT_FACTORY,
-        help=f"faiss factory string, or 'auto' for small datastores (default {DEFAULT_FACTORY})",
-    )
-    parser.add_argument(
-        "--metric",
-        choices=("ip", "l2"),
-        default=_DEFAULTS.metric,
-        help="inner product or (squared) L2; scores are q.k or -||q-k||^2",
-    )
-    parser.add_argument(
-        "--train-size",
-        type=int,
-        default=_DEFAULTS.train_size,
-        help="keys sampled (with --seed) to train the index",
-    )
-    parser.add_argument("--seed", type=int, default=_DEFAULTS.seed)
-    parser.add_argument("--nprobe", type=int, default=_DEFAULTS.nprobe, help="default nprobe stored in the index")
-    parser.add_argument("--device", default="auto", help="auto (faiss GPUs if present), cpu, cuda")
-    parser.add_argument("--overwrite", action="store_true")
-    if not train_only:
-        parser.add_argument("--add-chunk", type=int, default=_DEFAULTS.add_chunk, help="keys added per call")
-        parser.add_argument(
-            "--trained", default=None, help="trained empty index from `knnlm index train` (sharded builds)"
-        )
+    skip = {"train_only", "add_chunk", "trained"} if train_only else {"train_only"}
+    add_config_arguments(parser, IndexBuildConfig, skip=skip, choices={"metric": ("ip", "l2")})
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -82,14 +54,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     info.set_defaults(func=_info)
 
 
-def config_from_args(args: argparse.Namespace) -> IndexBuildConfig:
-    """The index configuration of parsed ``index build``/``index train`` arguments."""
-    names = {f.name for f in fields(IndexBuildConfig)}
-    return IndexBuildConfig(**{k: v for k, v in vars(args).items() if k in names})
-
-
 def _build(args: argparse.Namespace) -> None:
-    out = build_index(config_from_args(args))
+    out = build_index(config_from_args(IndexBuildConfig, args))
     meta = index_info(out)
     print(
         f"{out}: {meta['role']} {meta['factory']} ({meta['metric']}), ntotal {meta.get('ntotal')}, "

@@ -40,7 +40,7 @@ from knnlm.io import WriterLock
 from knnlm.models.base_lm import BaseLM, Capture
 from knnlm.models.capture import KEY_TYPES
 from knnlm.models.devices import resolve_device
-from knnlm.models.factory import open_base_lm
+from knnlm.models.factory import BASE_MODEL_HELP, open_base_lm
 from knnlm.models.fairseq_lm import load_language_model, load_split
 from knnlm.models.windows import ContextPlan, TokenStream, batch_inputs
 
@@ -51,29 +51,42 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class DatastoreBuildConfig:
-    """Options of ``knnlm datastore build`` (also the schema of its hydra app)."""
+    """Options of ``knnlm datastore build`` (also the schema of its hydra app; the CLI is generated from it)."""
 
-    checkpoint: Optional[str] = None  # a fairseq checkpoint, or:
-    hf_model: Optional[str] = None  # a Hugging Face causal LM (hub name or folder); --data is then raw text
-    hf_revision: Optional[str] = None
-    data: str = MISSING
-    out: str = MISSING
-    split: str = "train"
-    key_types: list[str] = field(default_factory=lambda: list(KEY_TYPES))
+    checkpoint: Optional[str] = field(default=None, metadata={"help": BASE_MODEL_HELP["checkpoint"]})
+    hf_model: Optional[str] = field(default=None, metadata={"help": BASE_MODEL_HELP["hf_model"]})
+    hf_revision: Optional[str] = field(default=None, metadata={"help": BASE_MODEL_HELP["hf_revision"]})
+    data: str = field(default=MISSING, metadata={"help": BASE_MODEL_HELP["data"]})
+    out: str = field(default=MISSING, metadata={"help": "output folder; datastores go to OUT/att and OUT/ffn"})
+    split: str = field(default="train", metadata={"help": "split whose tokens become the datastore"})
+    key_types: list[str] = field(
+        default_factory=lambda: list(KEY_TYPES),
+        metadata={"help": "comma-separated subset of att,ffn (default: both, one forward pass)"},
+    )
     # fairseq 0.12 eval_lm semantics: windows of at most tokens_per_sample tokens,
     # each carrying context_window tokens of left context; None: the checkpoint's
     # tokens_per_sample and half of it (kNN-LM on WIKI-103: 3072 / 1536).
-    tokens_per_sample: Optional[int] = None
-    context_window: Optional[int] = None
-    max_tokens: int = 12288
-    chunk_tokens: int = 1 << 20
-    subsample: Optional[float] = None
-    seed: int = 1
-    num_shards: int = 1
-    shard_id: int = 0
-    device: str = "auto"
-    fp16: Optional[bool] = None
-    overwrite: bool = False
+    tokens_per_sample: Optional[int] = field(
+        default=None, metadata={"help": "longest window, as fairseq 0.12 eval_lm (default: the checkpoint's)"}
+    )
+    context_window: Optional[int] = field(
+        default=None, metadata={"help": "left context carried into each window (default: tokens-per-sample / 2)"}
+    )
+    max_tokens: int = field(
+        default=12288, metadata={"help": "tokens per batch; windows per batch = max-tokens // tokens-per-sample"}
+    )
+    chunk_tokens: int = field(default=1 << 20, metadata={"help": "target tokens between commits (resume granularity)"})
+    subsample: Optional[float] = field(
+        default=None, metadata={"help": "keep a uniform random RATIO of the tokens (with --seed)"}
+    )
+    seed: int = field(default=1, metadata={"help": "seed of --subsample"})
+    num_shards: int = field(default=1, metadata={"help": "build shard --shard-id of this many (merge them after)"})
+    shard_id: int = field(default=0, metadata={"help": "which shard this run builds, in [0, --num-shards)"})
+    device: str = field(default="auto", metadata={"help": "auto (GPU if present), cpu, cuda, cuda:N"})
+    fp16: Optional[bool] = field(default=None, metadata={"help": "forward in fp16 (default: on GPU)"})
+    overwrite: bool = field(
+        default=False, metadata={"help": "replace a datastore built with other settings instead of refusing"}
+    )
 
 
 ChunkCallback = Callable[[int, int], None]

@@ -22,7 +22,7 @@ import math
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -51,20 +51,26 @@ _METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 
 @dataclass
 class IndexBuildConfig:
-    """Options of ``knnlm index build`` / ``knnlm index train`` (also the hydra schema)."""
+    """Options of ``knnlm index build`` / ``knnlm index train`` (also the hydra schema; the CLI is generated
+    from it)."""
 
-    datastore: str = MISSING
-    out: str = MISSING
-    factory: str = DEFAULT_FACTORY
-    metric: str = "l2"
-    train_size: int = 1_000_000
-    seed: int = 1
-    add_chunk: int = 1 << 18
-    nprobe: int = 32
-    device: str = "auto"
-    trained: Optional[str] = None
-    train_only: bool = False
-    overwrite: bool = False
+    datastore: str = field(default=MISSING, metadata={"help": "datastore folder (e.g. datastores/wt103/ffn)"})
+    out: str = field(default=MISSING, metadata={"help": "index file to write; its metadata goes to OUT.meta.json"})
+    factory: str = field(
+        default=DEFAULT_FACTORY,
+        metadata={"help": f"faiss factory string, or 'auto' for small datastores (default {DEFAULT_FACTORY})"},
+    )
+    metric: str = field(default="l2", metadata={"help": "inner product or (squared) L2; scores are q.k or -||q-k||^2"})
+    train_size: int = field(default=1_000_000, metadata={"help": "keys sampled (with --seed) to train the index"})
+    seed: int = field(default=1, metadata={"help": "seed of the training sample"})
+    add_chunk: int = field(default=1 << 18, metadata={"help": "keys added per call"})
+    nprobe: int = field(default=32, metadata={"help": "default nprobe stored in the index"})
+    device: str = field(default="auto", metadata={"help": "auto (faiss GPUs if present), cpu, cuda"})
+    trained: Optional[str] = field(
+        default=None, metadata={"help": "trained empty index from `knnlm index train` (sharded builds)"}
+    )
+    train_only: bool = field(default=False, metadata={"help": "only train an empty index (knnlm index train)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an index built with other settings"})
 
 
 def sidecar_path(index_path: str | os.PathLike) -> Path:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ from knnlm.io import NpyRowWriter, WriterLock, read_progress
 from knnlm.models.base_lm import BaseLM, Capture
 from knnlm.models.capture import KEY_TYPES
 from knnlm.models.devices import resolve_device
-from knnlm.models.factory import open_base_lm
+from knnlm.models.factory import BASE_MODEL_HELP, open_base_lm
 from knnlm.models.windows import ContextPlan, batch_inputs
 
 logger = logging.getLogger(__name__)
@@ -57,21 +57,30 @@ PROGRESS = "progress.json"
 
 @dataclass
 class LMDumpConfig:
-    """Options of ``knnlm eval dump``: which model, which split, which contexts."""
+    """Options of ``knnlm eval dump``: which model, which split, which contexts (the CLI is generated from it)."""
 
-    checkpoint: str | None  # a fairseq checkpoint, or None with hf_model
-    data: str  # fairseq data-bin; with hf_model a folder of raw text splits
-    out: str
-    split: str = "valid"
-    tokens_per_sample: int | None = None  # None: the checkpoint's
-    context_window: int | None = None  # None: half of tokens_per_sample (kNN-LM: 3072 / 1536)
-    max_tokens: int = 8192
-    limit_tokens: int | None = None  # only the split's first N target tokens
-    chunk_batches: int = 32
-    device: str = "auto"
-    hf_model: str | None = None  # a Hugging Face causal LM (hub name or local folder)
-    hf_revision: str | None = None
-    overwrite: bool = False  # replace a complete cache made from other inputs
+    checkpoint: str | None = field(metadata={"help": BASE_MODEL_HELP["checkpoint"]})  # None with hf_model
+    data: str = field(metadata={"help": BASE_MODEL_HELP["data"]})
+    out: str = field(metadata={"help": "cache folder to write"})
+    split: str = field(default="valid", metadata={"help": "split to dump"})
+    tokens_per_sample: int | None = field(
+        default=None,
+        metadata={"help": "window length T (default: the checkpoint's; with --hf-model min(1024, the model's "
+                  "positions))"},
+    )
+    context_window: int | None = field(
+        default=None, metadata={"help": "context C carried into each window (default: T/2); the window slides by T - C"}
+    )
+    max_tokens: int = field(default=8192, metadata={"help": "tokens per forward batch"})
+    limit_tokens: int | None = field(default=None, metadata={"help": "only the split's first N target tokens"})
+    chunk_batches: int = field(default=32, metadata={"help": "batches between commits (resume granularity)"})
+    device: str = field(default="auto", metadata={"help": "auto (GPU if present), cpu, cuda, cuda:1, ..."})
+    hf_model: str | None = field(default=None, metadata={"help": BASE_MODEL_HELP["hf_model"]})
+    hf_revision: str | None = field(default=None, metadata={"help": BASE_MODEL_HELP["hf_revision"]})
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "replace a complete cache in --out made from another checkpoint, data, split or window"},
+    )
 
 
 # what a cache's content depends on; a complete cache with other values is another cache
@@ -261,20 +270,28 @@ def _lm_batch(
 
 @dataclass
 class RetrievalConfig:
-    """Options of ``knnlm eval retrieve``: which datastore, which search, how many neighbours."""
+    """Options of ``knnlm eval retrieve``: which datastore, which search, how many neighbours (the CLI is
+    generated from it)."""
 
-    cache: str
-    datastore: str
-    index: str | None = None  # FAISS index file; None: exact search ("real mask")
-    similarity: str | None = None  # taken from the index; required for exact search
-    real_score: bool = False  # FAISS mask, scores recomputed from the stored keys
-    k_max: int = 1024
-    nprobe: int | None = None
-    batch: int = 4096
-    device: str = "auto"
-    mmap: bool = False  # leave the index's inverted lists on disk (indexes larger than memory)
-    overwrite: bool = False  # replace a retrieval of the same name made with another index, nprobe, k, ...
-    allow_other_checkpoint: bool = False  # search a datastore built from another checkpoint than the cache
+    cache: str = field(metadata={"help": "cache folder (knnlm eval dump)"})
+    datastore: str = field(metadata={"help": "datastore folder (knnlm datastore build)"})
+    index: str | None = field(default=None, metadata={"help": "FAISS index file; without it: exact search"})
+    similarity: str | None = field(default=None, metadata={"help": "l2 or ip; required for exact search"})
+    real_score: bool = field(default=False, metadata={"help": "rescore FAISS neighbours from the stored keys"})
+    k_max: int = field(default=1024, metadata={"help": "neighbours kept per token"})
+    nprobe: int | None = field(default=None, metadata={"help": "default: the index's stored nprobe"})
+    batch: int = field(default=4096, metadata={"help": "queries per search call"})
+    device: str = field(default="auto", metadata={"help": "auto (GPU if present), cpu, cuda"})
+    mmap: bool = field(
+        default=False,
+        metadata={"help": "leave the index's inverted lists on disk (faiss IO_FLAG_MMAP): indexes larger than RAM"},
+    )
+    overwrite: bool = field(
+        default=False, metadata={"help": "replace a retrieval of the same name made with another index, nprobe or k"}
+    )
+    allow_other_checkpoint: bool = field(
+        default=False, metadata={"help": "search a datastore built from another checkpoint than the cache's (recorded)"}
+    )
 
 
 def check_retrieval_options(cfg: RetrievalConfig) -> None:

@@ -5,6 +5,16 @@ from __future__ import annotations
 from knnlm.errors import KnnlmError
 from knnlm.models.base_lm import BaseLM
 
+# the help of the options that name a base model, shared by every config that has them
+BASE_MODEL_HELP = {
+    "checkpoint": "fairseq LM checkpoint (.pt)",
+    "hf_model": "instead of --checkpoint: a Hugging Face causal LM (hub name or save_pretrained folder; "
+    "pip install -e .[hf]); tokens are its tokenizer's",
+    "hf_revision": "hub revision (branch, tag or commit) of --hf-model",
+    "data": "fairseq data-bin folder (dict.txt, SPLIT.bin/.idx); with --hf-model a folder of raw text "
+    "(wiki.SPLIT.raw, wiki.SPLIT.tokens or SPLIT.txt)",
+}
+
 
 def open_base_lm(checkpoint: str | None, hf_model: str | None, data: str, hf_revision: str | None = None) -> BaseLM:
     """The model of ``--checkpoint`` (fairseq, with the data-bin's dictionary) or ``--hf-model``."""

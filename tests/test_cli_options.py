@@ -1,0 +1,50 @@
+"""The generated options: one per config field, with the field's type, default and help; round trip to the config."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import pytest
+
+from knnlm.cli.main import build_parser
+from knnlm.cli.options import add_config_arguments, config_from_args
+from knnlm.datastore.build import DatastoreBuildConfig
+from knnlm.datastore.index import IndexBuildConfig
+from knnlm.evaluation.dump import LMDumpConfig, RetrievalConfig
+
+
+@pytest.mark.parametrize("config", [DatastoreBuildConfig, IndexBuildConfig, LMDumpConfig, RetrievalConfig])
+def test_every_field_has_help(config):
+    assert all(f.metadata.get("help") for f in dataclasses.fields(config)), config
+
+
+def test_defaults_round_trip_and_types_parse():
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, DatastoreBuildConfig)
+    args = parser.parse_args(["--data", "d", "--out", "o", "--key-types", "ffn", "--subsample", "0.5", "--no-fp16",
+                              "--tokens-per-sample", "64"])
+    cfg = config_from_args(DatastoreBuildConfig, args)
+    assert cfg == DatastoreBuildConfig(data="d", out="o", key_types=["ffn"], subsample=0.5, fp16=False,
+                                       tokens_per_sample=64)
+    assert config_from_args(DatastoreBuildConfig, parser.parse_args(["--data", "d", "--out", "o"])) == (
+        DatastoreBuildConfig(data="d", out="o"))
+    with pytest.raises(SystemExit):  # --data is required (omegaconf MISSING)
+        parser.parse_args(["--out", "o"])
+
+
+def test_the_cli_options_are_the_configs_fields():
+    parser = build_parser()
+    sub = {a.dest: a for a in parser._subparsers._group_actions}["command"].choices  # noqa: SLF001
+
+    def options(*path):
+        p = sub[path[0]]
+        for name in path[1:]:
+            p = {a.dest: a for a in p._subparsers._group_actions}[next(iter(  # noqa: SLF001
+                a.dest for a in p._subparsers._group_actions))].choices[name]  # noqa: SLF001
+        return {a.dest for a in p._actions if a.option_strings and a.dest != "help"}
+
+    assert options("datastore", "build") == {f.name for f in dataclasses.fields(DatastoreBuildConfig)}
+    assert options("eval", "dump") == {f.name for f in dataclasses.fields(LMDumpConfig)}
+    assert options("eval", "retrieve") == {f.name for f in dataclasses.fields(RetrievalConfig)}
+    assert options("index", "build") == {f.name for f in dataclasses.fields(IndexBuildConfig)} - {"train_only"}
