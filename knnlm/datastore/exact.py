@@ -28,7 +28,13 @@ from knnlm.models.devices import resolve_device
 
 
 def _keys_of(datastore: Any) -> np.ndarray:
-    """The [N, D] key array of a :class:`~knnlm.datastore.store.Datastore` or an array itself."""
+    """The [N, D] key array of a :class:`~knnlm.datastore.store.Datastore` or an array itself.
+
+    A datastore's keys are read into memory first when they fit (see
+    :meth:`Datastore.load_keys_if_they_fit`): exact search and re-scoring gather rows.
+    """
+    if hasattr(datastore, "load_keys_if_they_fit"):
+        datastore.load_keys_if_they_fit()
     keys = getattr(datastore, "keys", datastore)
     if not isinstance(keys, np.ndarray) or keys.ndim != 2:
         raise KnnlmError("exact search needs a Datastore or an [N, D] key array")
