@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from knnlm.cli.options import add_config_arguments, config_from_args
+from knnlm.datastore.similarity import SIMILARITIES
 from knnlm.errors import KnnlmError
 from knnlm.evaluation.dump import LMDumpConfig, RetrievalConfig, describe_perplexity, dump_lm, dump_retrieval
 
@@ -31,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     dump.set_defaults(func=_dump)
 
     retrieve = jobs.add_parser("retrieve", help="top-k neighbours of every cached query in one datastore")
-    add_config_arguments(retrieve, RetrievalConfig, choices={"similarity": ("l2", "ip")})
+    add_config_arguments(retrieve, RetrievalConfig, choices={"similarity": SIMILARITIES})
     retrieve.set_defaults(func=_retrieve)
 
     component = jobs.add_parser(

@@ -14,13 +14,14 @@ import sys
 from knnlm.cli.options import add_config_arguments, config_from_args
 from knnlm.datastore.index import IndexBuildConfig, build_index, index_info
 from knnlm.datastore.shards import merge_index_ondisk
+from knnlm.datastore.similarity import SIMILARITIES
 from knnlm.datastore.store import Datastore
 from knnlm.errors import KnnlmError
 
 
 def _add_build_options(parser: argparse.ArgumentParser, train_only: bool) -> None:
     skip = {"train_only", "add_chunk", "trained"} if train_only else {"train_only"}
-    add_config_arguments(parser, IndexBuildConfig, skip=skip, choices={"metric": ("ip", "l2")})
+    add_config_arguments(parser, IndexBuildConfig, skip=skip, choices={"metric": SIMILARITIES})
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -45,9 +45,6 @@ class Retriever:
         self.similarity = similarity
         self.real_score = real_score
         self.device = device
-        if self.score_source == "real":
-            # re-scoring and exact search gather scattered key rows: from memory, not one page fault each
-            store.load_keys_if_they_fit()
 
     @classmethod
     def open(

@@ -144,8 +144,7 @@ def dump_lm(cfg: LMDumpConfig) -> Path:
 
 
 def _dump_lm(cfg: LMDumpConfig) -> Path:
-    """:func:`dump_lm` under its lock."""
-    check_dump_options(cfg)
+    """:func:`dump_lm` under its lock (options checked already)."""
     out = Path(cfg.out)
     device = resolve_device(cfg.device)
     lm = open_base_lm(cfg.checkpoint, cfg.hf_model, cfg.data, cfg.hf_revision)
@@ -314,8 +313,7 @@ def dump_retrieval(cfg: RetrievalConfig) -> Path:
 
 
 def _dump_retrieval(cfg: RetrievalConfig) -> Path:
-    """:func:`dump_retrieval` under its lock."""
-    check_retrieval_options(cfg)
+    """:func:`dump_retrieval` under its lock (options checked already)."""
     cache = Cache(cfg.cache)
     store = Datastore.open(cfg.datastore)
     if cache.dictionary_fingerprint is not None and cache.dictionary_fingerprint != (
@@ -378,14 +376,13 @@ def _dump_retrieval(cfg: RetrievalConfig) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "meta.json").unlink(missing_ok=True)  # incomplete until rewritten
     n = len(queries)
-    spec = {"datastore_id": store.datastore_id, "index": cfg.index, "nprobe": cfg.nprobe, "k": k,
-            "similarity": similarity, "score_source": score_source, "batch": cfg.batch}
     arrays = {
         "ids": (folder / "ids.npy", (n, k), id_dtype(store.num_keys)),
         "scores": (folder / "scores.npy", (n, k), "float32"),
         "vals": (folder / "vals.npy", (n, k), id_dtype(cache.dict_size)),
     }
-    spec["dtypes"] = [dtype for _path, _shape, dtype in arrays.values()]
+    # a resumed retrieval must also keep the batching and file types of the interrupted one
+    spec = {**identity, "batch": cfg.batch, "dtypes": [dtype for _path, _shape, dtype in arrays.values()]}
     start = read_progress(folder / PROGRESS, spec)
     bar = tqdm(total=n, initial=start, unit="q", unit_scale=True, desc=f"retrieve {name}", disable=None)
     with NpyRowWriter(arrays, resume=start > 0) as writer:
