@@ -41,6 +41,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common import ratio
+
 ROOT = Path(__file__).resolve().parents[1]
 USER_DIR = ROOT / "knnlm"
 TPS, CW = 128, 64
@@ -178,10 +180,6 @@ def _spawn(mode: str, args: argparse.Namespace, rep: int) -> dict[str, float]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _ratio(num: list[float], den: list[float]) -> dict[str, float]:
-    ratios = [a / b for a, b in zip(num, den, strict=True)]
-    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -225,9 +223,9 @@ def main() -> None:
         "split_tokens": n_tokens,
         "k": args.k,
         "tokens_per_second": {m: statistics.median(v) for m, v in tps.items()},
-        "dump_vs_eval_lm": _ratio(tps["dump"], tps["eval_lm"]),
-        "one_pass_vs_two_phase": _ratio(tps["one_pass"], tps["two_phase"]),
-        "one_pass_vs_eval_lm": _ratio(tps["one_pass"], tps["eval_lm"]),
+        "dump_vs_eval_lm": ratio(tps["dump"], tps["eval_lm"]),
+        "one_pass_vs_two_phase": ratio(tps["one_pass"], tps["two_phase"]),
+        "one_pass_vs_eval_lm": ratio(tps["one_pass"], tps["eval_lm"]),
         "score_one_setting_seconds": statistics.median(score_only),
         "seconds": times,
     }

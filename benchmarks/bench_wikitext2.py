@@ -47,6 +47,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common import ratio
+
 ROOT = Path(__file__).resolve().parents[1]
 USER_DIR = ROOT / "knnlm"
 TPS, CW = 256, 128
@@ -207,10 +209,6 @@ def _spawn(mode: str, args: argparse.Namespace, rep: int) -> float:
     return float(json.loads(proc.stdout.strip().splitlines()[-1])["seconds"])
 
 
-def _ratio(num: list[float], den: list[float]) -> dict[str, float]:
-    ratios = [a / b for a, b in zip(num, den, strict=True)]
-    return {"median": round(statistics.median(ratios), 3), "min": round(min(ratios), 3), "max": round(max(ratios), 3)}
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -254,12 +252,12 @@ def main() -> None:
         "nprobe": args.nprobe,
         "tokens_per_second": {m: round(statistics.median(v)) for m, v in speed.items()},
         "ratios": {
-            "dump / eval_lm (speed)": _ratio(speed["dump"], speed["eval_lm"]),
-            "datastore build / eval_lm (speed)": _ratio(speed["datastore"], speed["eval_lm"]),
-            "retrieve / plain faiss loop (speed)": _ratio(speed["retrieve"], speed["faiss_loop"]),
-            "real-score re-scoring / faiss search (time)": _ratio(seconds["rescore"], seconds["faiss_loop"]),
-            "one-pass / two-phase (speed)": _ratio(speed["one_pass"], speed["two_phase"]),
-            "one-pass / eval_lm (speed)": _ratio(speed["one_pass"], speed["eval_lm"]),
+            "dump / eval_lm (speed)": ratio(speed["dump"], speed["eval_lm"], 3),
+            "datastore build / eval_lm (speed)": ratio(speed["datastore"], speed["eval_lm"], 3),
+            "retrieve / plain faiss loop (speed)": ratio(speed["retrieve"], speed["faiss_loop"], 3),
+            "real-score re-scoring / faiss search (time)": ratio(seconds["rescore"], seconds["faiss_loop"], 3),
+            "one-pass / two-phase (speed)": ratio(speed["one_pass"], speed["two_phase"], 3),
+            "one-pass / eval_lm (speed)": ratio(speed["one_pass"], speed["eval_lm"], 3),
         },
         "seconds": seconds,
     }
