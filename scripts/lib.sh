@@ -54,12 +54,12 @@ baevski_auli_args() {  # arch max-update warmup per-gpu-batches: Baevski & Auli 
 
 set_train_args() {  # recipe: fills TRAIN_ARGS for small | wiki2 | wiki103
   case $1 in
-    small)  # CPU-sized; trained until the validation loss stops improving for PATIENCE (default 3)
-            # epochs in a row, at most EPOCHS (default 60) passes over WikiText-2
+    small)  # CPU-sized; trained one epoch at a time until the validation perplexity plateaus
+            # (see plateaued: MIN_GAIN, PATIENCE), at most EPOCHS (default 60) passes over WikiText-2
       TRAIN_ARGS=(--arch knnlm_transformer_lm_small --tokens-per-sample 256 --max-tokens 4096
         --optimizer adam --adam-betas '(0.9,0.98)' --clip-norm 0.1 --lr 0.001
         --lr-scheduler inverse_sqrt --warmup-updates 500 --warmup-init-lr 1e-07
-        --max-epoch "${EPOCHS:-60}" --patience "${PATIENCE:-3}" --cpu --num-workers 0) ;;
+        --cpu --num-workers 0) ;;
     wiki103)  # 286K updates of 8 GPUs x 3 x 3072 tokens (Baevski & Auli 2019; Khandelwal et al. 2020)
       baevski_auli_args knnlm_transformer_lm_wiki103 286000 16000 24 ;;
     wiki2)  # not given by Ton et al.: the same recipe, shortened to WikiText-2's size (3 x 3072 tokens
@@ -70,7 +70,7 @@ set_train_args() {  # recipe: fills TRAIN_ARGS for small | wiki2 | wiki103
 }
 
 train_lm() {  # recipe data save-dir omega seed criterion [fairseq-train options...]: train once, then reuse
-  local recipe=$1 data=$2 dir=$3 omega=$4 seed=$5 criterion=$6
+  local recipe=$1 data=$2 dir=$3 omega=$4 seed=$5 criterion=$6 epoch
   shift 6
   if [ -f "$dir/train.done" ] && [ -f "$dir/checkpoint_best.pt" ]; then
     echo "reusing $dir/checkpoint_best.pt (delete $dir/train.done to train again)"
@@ -79,15 +79,43 @@ train_lm() {  # recipe data save-dir omega seed criterion [fairseq-train options
   set_train_args "$recipe"
   mkdir -p "$dir"
   step "train $recipe, $criterion ω=$omega, seed $seed -> $dir (log: $dir/train.log)"
+  local train=(fairseq-train "$data" --user-dir "$PWD/knnlm" --task language_modeling --sample-break-mode none
+    --criterion "$criterion" --activation-weight "$omega" --knn-key att --ddp-backend legacy_ddp
+    --seed "$seed" --save-dir "$dir" --no-epoch-checkpoints --log-format simple --log-interval 100
+    "${TRAIN_ARGS[@]}" "$@")
   # an interrupted run resumes from checkpoint_last.pt (fairseq's own restart); the log is appended to
-  fairseq-train "$data" --user-dir "$PWD/knnlm" --task language_modeling --sample-break-mode none \
-    --criterion "$criterion" --activation-weight "$omega" --knn-key att --ddp-backend legacy_ddp \
-    --seed "$seed" --save-dir "$dir" --no-epoch-checkpoints --log-format simple --log-interval 100 \
-    "${TRAIN_ARGS[@]}" "$@" >> "$dir/train.log" 2>&1 \
-    || { tail -n 20 "$dir/train.log" >&2; die "fairseq-train failed; see $dir/train.log"; }
+  if [ "$recipe" = small ]; then
+    # one epoch per call, so that the stopping rule sees every sitting's epochs (fairseq's own
+    # --patience counter starts again at each restart)
+    while ! plateaued "$dir/train.log" "${MIN_GAIN:-0.01}" "${PATIENCE:-1}"; do
+      epoch=$(valid_ppls "$dir/train.log" | tail -n 1 | cut -d ' ' -f 1)
+      [ "${epoch:-0}" -lt "${EPOCHS:-60}" ] || break
+      "${train[@]}" --max-epoch $((${epoch:-0} + 1)) >> "$dir/train.log" 2>&1 \
+        || { tail -n 20 "$dir/train.log" >&2; die "fairseq-train failed; see $dir/train.log"; }
+      valid_ppls "$dir/train.log" | tail -n 1 | awk '{print "epoch " $1 ": valid ppl " $2}'
+    done
+  else
+    "${train[@]}" >> "$dir/train.log" 2>&1 \
+      || { tail -n 20 "$dir/train.log" >&2; die "fairseq-train failed; see $dir/train.log"; }
+  fi
   [ -f "$dir/checkpoint_best.pt" ] || die "no $dir/checkpoint_best.pt after training (validation disabled?)"
   grep -F -e '| train |' -e '| valid |' "$dir/train.log" | tail -n 2 || true
   touch "$dir/train.done"
+}
+
+valid_ppls() {  # fairseq-log: "EPOCH PPL" for each validated epoch (its last report), in epoch order
+  [ -f "$1" ] || return 0
+  { grep -F '| valid |' "$1" || true; } \
+    | sed -n 's/.*| epoch \([0-9]*\) .*| ppl \([0-9.]*\) .*/\1 \2/p' \
+    | awk '{ppl[$1 + 0] = $2} END {for (e in ppl) print e, ppl[e]}' | sort -n
+}
+
+plateaued() {  # fairseq-log min-gain patience: true once PATIENCE epochs in a row have each failed to
+  # lower the best validation perplexity so far by the fraction MIN_GAIN (0 and 3: fairseq's --patience 3)
+  valid_ppls "$1" | awk -v gain="$2" -v patience="$3" '
+    NR == 1 {best = $2; next}
+    {strikes = ($2 < best * (1 - gain)) ? 0 : strikes + 1; if ($2 < best) best = $2}
+    END {exit !(NR > 1 && strikes >= patience)}'
 }
 
 train_seconds() {  # save-dir: seconds of training over all sittings, the sum of fairseq's per-epoch train_wall

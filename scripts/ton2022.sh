@@ -15,9 +15,11 @@ has the same exact cross-entropy), plus the Eq. 1 row (--criterion moco_queue), 
 kNN-LM (att keys, L2, k=1024, valid split, λ=0.3 and tuned), then mean ± std over seeds per ω.
 
 Scales:
-  small   CPU: WikiText-2 (word level), knnlm_transformer_lm_small trained until the validation loss
-          has not improved for PATIENCE (default 3) epochs (at most EPOCHS, default 60), full valid
-          and test splits (EVAL_LIMIT to cut them). Default models, in this order: ω ∈ {0, 1} × seeds
+  small   CPU: WikiText-2 (word level), knnlm_transformer_lm_small trained one epoch at a time until
+          the validation perplexity plateaus: PATIENCE (default 1) epochs in a row each lower the
+          best so far by less than MIN_GAIN (default 0.01, i.e. 1%); at most EPOCHS (default 60).
+          MIN_GAIN=0 PATIENCE=3 is fairseq's --patience 3. Full valid and test splits (EVAL_LIMIT
+          to cut them). Default models, in this order: ω ∈ {0, 1} × seeds
           {1, 2, 3}, ω ∈ {0.1, 10} × seed 1, moco_queue ω = 1 × seed 1.
   paper   GPU: WikiText-2 with knnlm_transformer_lm_wiki2 (Table 1) and WikiText-103 with
           knnlm_transformer_lm_wiki103 (Table 2), Baevski & Auli's recipe (see scripts/lib.sh),
@@ -41,7 +43,7 @@ the models finished so far, and each one's result lines are kept in <out>/models
 
 Outputs: checkpoints/ton2022-<scale>/<dataset>/<name>/ (train.log, checkpoint_best.pt),
 runs/ton2022-<scale>/<dataset>/<name>/ (pipeline), <out>/results.jsonl, <out>/training.tsv, <out>/report.md.
-Environment: EPOCHS, PATIENCE, EVAL_LIMIT, GPUS (paper: GPUs per training; default all that nvidia-smi
+Environment: EPOCHS, PATIENCE, MIN_GAIN, EVAL_LIMIT, GPUS (paper: GPUs per training; default all that nvidia-smi
 lists), WIKI2_MAX_UPDATE/WIKI2_WARMUP (paper WikiText-2 schedule), and the variables of
 scripts/knnlm_pipeline.sh.
 EOF

@@ -138,13 +138,16 @@ def test_lines_without_omega_render_nothing_and_say_so(tmp_path):
 
 # --- scripts -----------------------------------------------------------------------------------
 
+# trains up to --max-epoch (default 1); validation perplexity 194.01 after epoch 1, 193.5 (a gain < 1%) after
 STUB_FAIRSEQ_TRAIN = """#!/usr/bin/env bash
 echo "fairseq-train $*" >> "$CALLS"
-while [ $# -gt 0 ]; do [ "$1" = --save-dir ] && dir=$2; shift; done
+epoch=1
+while [ $# -gt 0 ]; do [ "$1" = --save-dir ] && dir=$2; [ "$1" = --max-epoch ] && epoch=$2; shift; done
 touch "$dir/checkpoint_best.pt" "$dir/checkpoint_last.pt"
-echo "2024-01-01 00:00:00 | INFO | train_inner | epoch 001:    100 / 200 loss=9.1, ppl=548.2"
-echo "2024-01-01 00:00:01 | INFO | train | epoch 001 | loss 7.438 | nll_loss 7.438 | ppl 173.42 | wps 5000"
-echo "2024-01-01 00:00:02 | INFO | valid | epoch 001 | valid on 'valid' subset | loss 7.6 | ppl 194.01"
+ppl=194.01; [ "$epoch" = 1 ] || ppl=193.5
+printf '2024-01-01 00:00:00 | INFO | train_inner | epoch %03d:    100 / 200 loss=9.1, ppl=548.2\\n' "$epoch"
+printf '2024-01-01 00:00:01 | INFO | train | epoch %03d | loss 7.438 | ppl 173.42 | wps 5000 | train_wall 60 |\\n' "$epoch"
+printf "2024-01-01 00:00:02 | INFO | valid | epoch %03d | valid on 'valid' subset | loss 7.6 | ppl $ppl | wps 9\\n" "$epoch"
 """
 
 STUB_KNNLM = """#!/usr/bin/env bash
@@ -217,10 +220,14 @@ def test_ton2022_small_trains_each_omega_once_and_labels_its_results(sandbox):
     log = calls(sandbox)
     assert log[0] == "knnlm prepare wikitext-2 --dest data-bin"
     trains = [c for c in log if c.startswith("fairseq-train")]
-    assert len(trains) == 2 and "--activation-weight 0.1 --knn-key att" in trains[1]
-    for flag in ("--arch knnlm_transformer_lm_small", "--ddp-backend legacy_ddp", "--max-epoch 60 --patience 3",
-                 "--criterion activation_l2", "--cpu"):
+    # one call per epoch, until an epoch lowers the validation perplexity by less than 1% (here the second)
+    assert len(trains) == 4 and "--activation-weight 0.1 --knn-key att" in trains[2]
+    assert [t.split()[-1] for t in trains] == ["1", "2", "1", "2"]
+    for flag in ("--arch knnlm_transformer_lm_small", "--ddp-backend legacy_ddp", "--criterion activation_l2",
+                 "--cpu --num-workers 0 --max-epoch 1"):
         assert flag in trains[0]
+    assert "--patience" not in trains[0]
+    assert "epoch 2: valid ppl 193.5" in proc.stdout
     pipelines = [c for c in log if c.startswith("pipeline")]
     assert pipelines[1] == (
         "pipeline CKPT=checkpoints/ton2022-small/wikitext-2/w0.1-s1/checkpoint_best.pt DATA=data-bin/wikitext-2 "
@@ -240,7 +247,7 @@ def test_ton2022_small_trains_each_omega_once_and_labels_its_results(sandbox):
     assert run_script(sandbox, "repo/scripts/ton2022.sh", "--scale", "small", "--omegas", "0").returncode == 0
     assert run_script(sandbox, "repo/scripts/xu2023.sh", "--scale", "small").returncode == 0
     log = calls(sandbox)
-    assert len([c for c in log if c.startswith("fairseq-train")]) == 2
+    assert len([c for c in log if c.startswith("fairseq-train")]) == 4
     assert (
         "pipeline CKPT=checkpoints/ton2022-small/wikitext-2/w0-s1/checkpoint_best.pt DATA=data-bin/wikitext-2 "
         "OUT=runs/xu2023-small KEY_TYPES=att,ffn METRICS=l2,ip TPS=256 EVAL_LIMIT= EXACT_LIMIT=20000 "
@@ -316,13 +323,33 @@ def test_a_retrained_seed_replaces_the_earlier_one(tmp_path):
 def test_ton2022_small_default_set_is_the_converged_reproduction(sandbox):
     """ω ∈ {0, 1} x seeds {1, 2, 3}, then ω ∈ {0.1, 10} x seed 1, then Eq. 1 (moco_queue, ω = 1); one criterion."""
     assert run_script(sandbox, "repo/scripts/ton2022.sh", "--scale", "small").returncode == 0
-    trains = [c for c in calls(sandbox) if c.startswith("fairseq-train")]
+    trains = [c for c in calls(sandbox) if c.startswith("fairseq-train") and c.endswith("--max-epoch 1")]
     order = [(re.search(r"--criterion (\S+)", t).group(1), re.search(r"--activation-weight (\S+)", t).group(1),
               re.search(r"--seed (\S+)", t).group(1)) for t in trains]
     assert order == [("activation_l2", "0", "1"), ("activation_l2", "1", "1"), ("activation_l2", "0", "2"),
                      ("activation_l2", "1", "2"), ("activation_l2", "0", "3"), ("activation_l2", "1", "3"),
                      ("activation_l2", "0.1", "1"), ("activation_l2", "10", "1"), ("moco_queue", "1", "1")]
-    assert all("--patience 3" in t and "--max-epoch 60" in t for t in trains)
     # a rerun trains nothing again
     assert run_script(sandbox, "repo/scripts/ton2022.sh", "--scale", "small").returncode == 0
-    assert len([c for c in calls(sandbox) if c.startswith("fairseq-train")]) == 9
+    assert len([c for c in calls(sandbox) if c.startswith("fairseq-train")]) == 18
+
+
+@pytest.mark.parametrize(
+    ("ppls", "gain", "patience", "stopped"),
+    [
+        ("300 200 199", "0.01", "1", True),  # 0.5% < 1%
+        ("300 200 190", "0.01", "1", False),
+        ("300 200 201 199", "0", "3", False),  # fairseq's --patience 3: two epochs without a new best
+        ("300 200 201 202 200", "0", "3", True),
+        ("300 200 199 198.5 198", "0.01", "2", True),  # each < 1% below the best before it
+        ("300", "0.01", "1", False),
+    ],
+)
+def test_plateaued_is_the_stopping_rule(tmp_path, ppls, gain, patience, stopped):
+    log = tmp_path / "train.log"
+    lines = [f"x | INFO | valid | epoch {e:03d} | valid on 'valid' subset | loss 7 | ppl {p} | wps 1"
+             for e, p in enumerate(ppls.split(), start=1)]
+    log.write_text("\n".join(["x | INFO | valid | epoch 001 | valid on 'valid' subset | loss 9 | ppl 999 | wps 1",
+                              *lines]) + "\n")  # a repeated epoch (an interrupted sitting) counts once, the last
+    proc = subprocess.run(["bash", "-c", f"source {SCRIPTS / 'lib.sh'}; plateaued {log} {gain} {patience}"])
+    assert (proc.returncode == 0) is stopped
