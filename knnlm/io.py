@@ -87,17 +87,14 @@ def dictionary_fingerprint(dictionary: Any) -> str:
     return hashlib.sha256("\n".join(map(str, symbols)).encode("utf-8")).hexdigest()
 
 
-def write_json_atomic(
-    path: str | os.PathLike, obj: Any, *, sort_keys: bool = True, allow_nan: bool = True
-) -> None:
-    """Write ``obj`` as indented JSON to ``path`` atomically (``allow_nan=False`` for strict JSON)."""
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically: readers see the old file or the whole new one."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600; an artifact's files all get the same mode
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=sort_keys, allow_nan=allow_nan)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -105,6 +102,14 @@ def write_json_atomic(
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def write_json_atomic(
+    path: str | os.PathLike, obj: Any, *, sort_keys: bool = True, allow_nan: bool = True
+) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically (``allow_nan=False`` for strict JSON)."""
+    text = json.dumps(obj, indent=2, sort_keys=sort_keys, allow_nan=allow_nan)
+    write_text_atomic(path, text + "\n")
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -299,6 +299,53 @@ def neighbours_used(
     return out
 
 
+def _kept_weights(
+    scores: np.ndarray,
+    k: int,
+    temperature: float,
+    ids: np.ndarray | None,
+    subsample: Subsample | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``softmax(mask-to-k(scores) / τ)`` per neighbour (float64) and which neighbours mask-to-k kept."""
+    n_rows, width = scores.shape
+    (k,) = _check_ks([k], width)
+    (tau,) = _check_temperatures([temperature])
+    subsampling = subsample is not None and subsample.ratio < 1.0
+    if subsampling and ids is None:
+        raise ValueError("subsampling needs the neighbour ids")
+    cols = width if subsampling else k
+    s = np.asarray(scores[:, :cols], dtype=np.float64)
+    usable = np.isfinite(s)
+    if ids is not None:
+        id_cols = np.asarray(ids[:, :cols])
+        usable &= subsample.keep(id_cols) if subsampling else id_cols >= 0
+    if subsampling:
+        usable &= np.cumsum(usable, axis=1) <= k
+    row_max = np.max(s, axis=1, where=usable, initial=-np.inf)
+    row_max = np.where(np.isfinite(row_max), row_max, 0.0)
+    weights = np.where(usable, np.exp((s - row_max[:, None]) / tau), 0.0)
+    totals = weights.sum(axis=1, keepdims=True)
+    return np.divide(weights, totals, out=np.zeros_like(weights), where=totals > 0), usable
+
+
+def neighbour_weights(
+    scores: np.ndarray,
+    k: int,
+    temperature: float,
+    *,
+    ids: np.ndarray | None = None,
+    subsample: Subsample | None = None,
+) -> np.ndarray:
+    """Each neighbour's share of the kNN mass, ``softmax(mask-to-k(scores) / τ)``: float64 ``[T, cols]``.
+
+    ``cols`` is ``k`` (``k_max`` with ``subsample``); neighbours mask-to-k drops weigh 0.
+    What a viewer of single tokens shows per neighbour; ``M`` then sums them per value.
+    """
+    if scores.ndim != 2:
+        raise ValueError(f"scores {scores.shape} must be [T, k_max]")
+    return _kept_weights(scores, k, temperature, ids, subsample)[0]
+
+
 def knn_distribution(
     scores: np.ndarray,
     vals: np.ndarray,
@@ -317,28 +364,11 @@ def knn_distribution(
     """
     if scores.ndim != 2 or scores.shape != vals.shape:
         raise ValueError(f"scores {scores.shape} and vals {vals.shape} must both be [T, k_max]")
-    n_rows, width = scores.shape
-    (k,) = _check_ks([k], width)
-    (tau,) = _check_temperatures([temperature])
-    subsampling = subsample is not None and subsample.ratio < 1.0
-    if subsampling and ids is None:
-        raise ValueError("subsampling needs the neighbour ids")
-    cols = width if subsampling else k
-    s = np.asarray(scores[:, :cols], dtype=np.float64)
-    v = np.asarray(vals[:, :cols], dtype=np.int64)
-    usable = np.isfinite(s)
-    if ids is not None:
-        id_cols = np.asarray(ids[:, :cols])
-        usable &= subsample.keep(id_cols) if subsampling else id_cols >= 0
-    if subsampling:
-        usable &= np.cumsum(usable, axis=1) <= k
+    probs, usable = _kept_weights(scores, k, temperature, ids, subsample)
+    n_rows = scores.shape[0]
+    v = np.asarray(vals[:, : probs.shape[1]], dtype=np.int64)
     if np.any(usable & ((v < 0) | (v >= vocab_size))):
         raise ValueError(f"neighbour values must be word ids in [0, {vocab_size})")
-    row_max = np.max(s, axis=1, where=usable, initial=-np.inf)
-    row_max = np.where(np.isfinite(row_max), row_max, 0.0)
-    weights = np.where(usable, np.exp((s - row_max[:, None]) / tau), 0.0)
-    totals = weights.sum(axis=1, keepdims=True)
-    probs = np.divide(weights, totals, out=np.zeros_like(weights), where=totals > 0)
     flat = (np.arange(n_rows, dtype=np.int64)[:, None] * vocab_size + np.where(usable, v, 0)).ravel()
     dist = np.bincount(flat, weights=probs.ravel(), minlength=n_rows * vocab_size)
     return dist.reshape(n_rows, vocab_size)
