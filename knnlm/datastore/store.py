@@ -9,8 +9,10 @@ Layout of one datastore folder::
     progress.json   only while a build runs or after it was interrupted
 
 Without ``positions.npy`` entry ``i`` is the target token ``first_position + i`` of
-the split. Writers stream rows at their offsets in preallocated files, so no
-N×D array is ever held in memory; :class:`Datastore` reads them memory-mapped.
+the split; the split is ``source.split`` of the data folder ``paths.data``, whose
+binarized files hash to ``source.data_sha256`` (:meth:`Datastore.split_source`).
+Writers stream rows at their offsets in preallocated files, so no N×D array is
+ever held in memory; :class:`Datastore` reads them memory-mapped.
 """
 
 from __future__ import annotations
@@ -75,6 +77,16 @@ def _load_npy(path: Path, what: str) -> np.memmap:
         raise KnnlmError(f"{path} is missing ({what}); rebuild the datastore") from None
     except (OSError, ValueError) as err:
         raise KnnlmError(f"{path} is not a readable .npy file ({what}): {err}; rebuild the datastore") from None
+
+
+@dataclass(frozen=True)
+class SplitSource:
+    """Where a datastore's entries come from: a split of a data folder, by its recorded fingerprint."""
+
+    data: str  # the data folder at build time (recorded, not part of the id)
+    split: str
+    data_sha256: str
+    units: dict[str, Any] | None = None  # set when tokens are sub-word pieces (--hf-model)
 
 
 class Datastore:
@@ -198,6 +210,29 @@ class Datastore:
             return self._positions
         first = int(self.meta.get("first_position", 0))
         return np.arange(first, first + self.num_keys, dtype=np.int64)
+
+    def positions_of(self, ids: np.ndarray) -> np.ndarray:
+        """Split positions of the entries ``ids`` (without materializing all N of them)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if self._positions is not None:
+            return np.asarray(self._positions[ids], dtype=np.int64)
+        return int(self.meta.get("first_position", 0)) + ids
+
+    def split_source(self) -> SplitSource:
+        """The split whose target stream the entries come from: entry ``i`` is its token ``positions()[i]``.
+
+        What a viewer needs to show a neighbour's context. Datastores written by
+        :func:`write_datastore` (keys from elsewhere) record no split.
+        """
+        source, paths = self.meta.get("source") or {}, self.meta.get("paths") or {}
+        fields = {"data": paths.get("data"), "split": source.get("split"), "data_sha256": source.get("data_sha256")}
+        missing = [name for name, value in fields.items() if not value]
+        if missing:
+            raise KnnlmError(
+                f"{self.path / META_FILE} records no {', '.join(missing)} of the split its entries come from; "
+                f"rebuild the datastore with `knnlm datastore build` (knnlm >= 0.1.0) to inspect contexts"
+            )
+        return SplitSource(str(fields["data"]), str(fields["split"]), str(fields["data_sha256"]), source.get("units"))
 
     def check_compatible(
         self,
