@@ -13,7 +13,7 @@ import sys
 
 from knnlm.errors import KnnlmError
 
-COMMANDS = ["prepare", "datastore", "index", "eval", "score", "replace", "report", "analyze", "inspect", "generate"]
+COMMANDS = ["prepare", "datastore", "index", "eval", "score", "replace", "report", "analyze", "inspect"]
 
 
 VERBOSE_FLAGS = ("-v", "--verbose", "--debug")
