@@ -14,7 +14,14 @@ LAYERS = [
     {"knnlm", "knnlm.errors", "knnlm.io", "knnlm.scoring"},
     {"knnlm.models", "knnlm.data"},
     {"knnlm.datastore", "knnlm.criterions"},
-    {"knnlm.evaluation", "knnlm.softmax_alternatives", "knnlm.tasks", "knnlm.analysis", "knnlm.report"},
+    {
+        "knnlm.evaluation",
+        "knnlm.softmax_alternatives",
+        "knnlm.tasks",
+        "knnlm.analysis",
+        "knnlm.report",
+        "knnlm.generation",
+    },
     {"knnlm.cli"},
 ]
 

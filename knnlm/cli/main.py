@@ -13,7 +13,7 @@ import sys
 
 from knnlm.errors import KnnlmError
 
-COMMANDS = ["prepare", "datastore", "index", "eval", "score", "replace", "report", "analyze", "inspect"]
+COMMANDS = ["prepare", "datastore", "index", "eval", "score", "replace", "report", "analyze", "inspect", "generate"]
 
 
 VERBOSE_FLAGS = ("-v", "--verbose", "--debug")

@@ -23,6 +23,10 @@ checks that both paths give the same perplexity.
 With ``λ < 1`` no target has zero probability, so fairseq's eval never drops a
 token as ``±inf``; ``--lmbda 1`` is refused for that reason (use the two-phase
 path, which counts zero-mass tokens).
+
+``knnlm generate`` (:mod:`knnlm.generation.fairseq_lm`) decodes with the same wrapper
+through fairseq's ``SequenceGenerator``, which calls the decoder itself with an
+incremental state; the queries then come from the capture's last position.
 """
 
 # no `from __future__ import annotations`: fairseq reads dataclass field types at runtime
@@ -106,19 +110,29 @@ class KnnInterpolatedLM(BaseFairseqModel):
     Parameters and state dict are the wrapped LM's (checkpoints load unchanged).
     """
 
-    def __init__(self, lm: BaseFairseqModel, retriever: Retriever, k: int, cfg: KnnLanguageModelingConfig) -> None:
+    def __init__(
+        self,
+        lm: BaseFairseqModel,
+        retriever: Retriever,
+        k: int,
+        *,
+        lmbda: float,
+        temperature: float = 1.0,
+        key_type: str = "att",
+        full_distribution: bool = False,
+    ) -> None:
         super().__init__()
-        if not 0.0 <= cfg.lmbda < 1.0:
-            raise KnnlmError(f"--lmbda must be in [0, 1) for fairseq-eval-lm; got {cfg.lmbda}")
-        if cfg.knn_temp <= 0:
-            raise KnnlmError(f"--knn-temp must be positive; got {cfg.knn_temp}")
+        if not 0.0 <= lmbda <= 1.0:
+            raise KnnlmError(f"--lmbda must be in [0, 1]; got {lmbda}")
+        if temperature <= 0:
+            raise KnnlmError(f"--knn-temp must be positive; got {temperature}")
         self.lm = lm
         self.retriever = retriever
         self.k = k
-        self.full_distribution = bool(cfg.knn_full_distribution)
-        self.lmbda = float(cfg.lmbda)
-        self.temperature = float(cfg.knn_temp)
-        self.key_type = str(cfg.knn_keytype)
+        self.full_distribution = bool(full_distribution)
+        self.lmbda = float(lmbda)
+        self.temperature = float(temperature)
+        self.key_type = str(key_type)
         self.capture = KeyCapture(lm.decoder)
 
     @property
@@ -136,6 +150,9 @@ class KnnInterpolatedLM(BaseFairseqModel):
     def max_positions(self):
         return self.lm.max_positions()
 
+    def max_decoder_positions(self):
+        return self.lm.max_decoder_positions()
+
     def state_dict(self, *args, **kwargs):
         return self.lm.state_dict(*args, **kwargs)
 
@@ -143,8 +160,8 @@ class KnnInterpolatedLM(BaseFairseqModel):
         return self.lm.load_state_dict(state_dict, strict=strict, model_cfg=model_cfg)
 
     def get_normalized_probs(self, net_output, log_probs, sample=None):
-        features, extra = net_output[0], net_output[1]
-        queries = extra["knn_queries"]
+        features = net_output[0]
+        queries = self._queries(net_output)
         if queries.shape[:2] != features.shape[:2]:
             raise KnnlmError(
                 "the kNN queries do not line up with the scored positions: leave fairseq-eval-lm's "
@@ -152,10 +169,32 @@ class KnnInterpolatedLM(BaseFairseqModel):
             )
         target = None if sample is None else sample.get("target")
         if self.full_distribution or target is None or target.shape != features.shape[:2]:
-            mixed = self._full_distribution(net_output, sample)
+            mixed = self._full_distribution(net_output, sample, queries)
         else:
             mixed = self._target_only(features, queries, target)
         return mixed if log_probs else mixed.exp()
+
+    def _queries(self, net_output) -> torch.Tensor:
+        """The kNN queries [B, T, D] of the positions in ``net_output``.
+
+        :meth:`forward` hands them over in the output. fairseq's ``SequenceGenerator`` calls the
+        decoder directly (through ``EnsembleModel``, with an incremental state) and keeps only the
+        last position of its output, so then the queries are the capture's last positions.
+        """
+        extra = net_output[1] if len(net_output) > 1 and net_output[1] is not None else {}
+        if "knn_queries" in extra:
+            return extra["knn_queries"]
+        features = net_output[0]
+        try:
+            queries = self.capture.pop(self.key_type)
+        finally:
+            self.capture.clear()
+        if queries.shape[0] != features.shape[0]:
+            raise KnnlmError(
+                f"the captured {self.key_type} keys have {queries.shape[0]} rows but the decoder output has "
+                f"{features.shape[0]}: get_normalized_probs must follow the decoder forward of the same batch"
+            )
+        return queries[:, queries.shape[1] - features.shape[1] :]
 
     def _search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Neighbour scores and values of ``queries`` [N, D], as tensors on the queries' device."""
@@ -175,11 +214,11 @@ class KnnInterpolatedLM(BaseFairseqModel):
             out[scored] = interpolate(lm.double(), knn, self.lmbda).float()
         return out.unsqueeze(-1).expand(*target.shape, len(self.lm.decoder.dictionary))
 
-    def _full_distribution(self, net_output, sample) -> torch.Tensor:
+    def _full_distribution(self, net_output, sample, queries: torch.Tensor) -> torch.Tensor:
         """The whole interpolated distribution, [B, T, V] (every position searched)."""
         lm_lprobs = self.lm.get_normalized_probs(net_output, log_probs=True, sample=sample).float()
         batch, length, vocab = lm_lprobs.shape
-        scores, vals = self._search(net_output[1]["knn_queries"].reshape(batch * length, -1))
+        scores, vals = self._search(queries.reshape(batch * length, -1))
         knn = knn_log_distribution(scores, vals, vocab, self.k, self.temperature)
         mixed = interpolate(lm_lprobs.reshape(batch * length, vocab).double(), knn, self.lmbda)
         return mixed.float().view(batch, length, vocab)
@@ -192,5 +231,15 @@ class KnnLanguageModelingTask(LanguageModelingTask):
     def build_model(self, cfg, from_checkpoint=False):
         lm = super().build_model(cfg, from_checkpoint)
         options = self.args  # LanguageModelingTask is a legacy task: its options live in .args
+        if not 0.0 <= options.lmbda < 1.0:
+            raise KnnlmError(f"--lmbda must be in [0, 1) for fairseq-eval-lm; got {options.lmbda}")
         retriever, k = open_retriever(options, self.source_dictionary)
-        return KnnInterpolatedLM(lm, retriever, k, options)
+        return KnnInterpolatedLM(
+            lm,
+            retriever,
+            k,
+            lmbda=options.lmbda,
+            temperature=options.knn_temp,
+            key_type=str(options.knn_keytype),
+            full_distribution=bool(options.knn_full_distribution),
+        )
