@@ -85,6 +85,7 @@ def cases(a: Path) -> list[Case]:
             "--tokens-per-sample", str(TPS), "--context-window", str(CW)]
     retrieve = ["eval", "retrieve", "--cache", cache, "--datastore", ds]
     score = ["score", "--valid-cache", cache, "--split", "valid", "--k", "8"]
+    inspect = ["inspect", "--cache", cache, "--lambda", "0.25", "--k", "8"]
     return [
         # datastore build
         Case("build: missing checkpoint", ["datastore", "build", "--checkpoint", "nope.pt", "--data", data,
@@ -175,6 +176,16 @@ def cases(a: Path) -> list[Case]:
         Case("score: lambda 2", [*score, "--lambda", "2", "--out", "r.jsonl"], r"--lambda must be 'tune' or a number"),
         Case("score: out is a folder", [*score, "--out", "."], r"--out \. is a folder"),
         Case("report: missing results", ["report", "nope.jsonl", "--out", "rep"], r"nope\.jsonl does not exist"),
+        # inspect
+        Case("inspect: position out of range", [*inspect, "--position", "99999999"],
+             r"--position 99999999 is outside the [\d,]+ tokens of .*\(0\.\.\d+\)"),
+        Case("inspect: word not in the dictionary", [*inspect, "--word", "zqxwv"],
+             r"--word 'zqxwv' is not in the dictionary"),
+        Case("inspect: occurrence beyond the last", [*inspect, "--word", "</s>", "--occurrence", "99999"],
+             r"--occurrence 99999: '</s>' is a target \d+ time\(s\)"),
+        Case("inspect: no retrieval of that metric", [*inspect, "--position", "0", "--similarity", "ip"],
+             r"has no retrieval with key type att, similarity ip, faiss mask, faiss score; it holds: att-l2-faiss"),
+        Case("inspect: k above k-max", [*inspect, "--position", "0", "--k", "64"], r"--k 64 exceeds k_max=8"),
     ]
 
 

@@ -209,3 +209,27 @@ def test_html_page_is_self_contained_escaped_and_highlights_values(art, tmp_path
     assert ("hit", evil) in page.marks and ("target", evil) in page.marks
     assert all(len(line) <= 120 for line in render_text([hostile]).splitlines())
     assert "\033[32m" in render_text([hostile], color=True)
+
+
+def test_a_word_that_is_never_a_target_is_refused(art):
+    from knnlm.errors import KnnlmError
+
+    ins = inspector(art)
+    targets = set(np.load(art["cache"] / "targets.npy").tolist())
+    absent = next(w for i, w in enumerate(ins.symbols) if i not in targets and i > 3)
+    with pytest.raises(KnnlmError, match=rf"--word '{re.escape(absent)}' is never a target in .* \(200 tokens\)"):
+        ins.positions_of_word(absent, 1)
+
+
+def test_a_prompt_is_inspected_like_the_same_words_of_a_cache(art, text_slice, tiny_checkpoint, capsys):
+    """The first 20 words of valid as a prompt: its last word gets the neighbours cache token 19 got."""
+    words = raw_words(text_slice, "valid")[:20]
+    code, out, _ = run(capsys, "inspect", "--prompt", " ".join(words), "--checkpoint", str(tiny_checkpoint),
+                       "--data", str(art["data"]), "--datastore", str(art["store"]), "--similarity", "l2",
+                       "--k", "8", "--top", "8", "--lambda", "0.25")
+    assert code == 0
+    assert "token 19 of 20" in out and f"target   {words[-1]} " in out
+    prompt_scores = [float(m) for m in re.findall(r"^\s+\d+\s+(-?\d+\.\d{4})\s", out, re.M)]
+    view = inspector(art).token(19, top=8)
+    np.testing.assert_allclose(prompt_scores, [n.score for n in view.neighbours], rtol=1e-4, atol=2e-3)
+    assert " ".join(words[8:19]) in out  # the prompt's own words are the query's context

@@ -198,7 +198,7 @@ def _dump_lm(cfg: LMDumpConfig) -> Path:
                 chunk1 = min(chunk0 + cfg.chunk_batches, plan.num_batches)
                 for b in range(chunk0, chunk1):
                     s, e = plan.batch_targets(b)
-                    _lm_batch(lm, capture, plan, stream, b, device, writer)
+                    lm_batch(lm, capture, plan, stream, b, device, writer)
                     bar.update(e - s)
                 writer.sync()
                 write_json_atomic(out / PROGRESS, {"spec": spec, "next": chunk1})
@@ -242,7 +242,7 @@ def _dump_lm(cfg: LMDumpConfig) -> Path:
 
 
 @torch.inference_mode()
-def _lm_batch(
+def lm_batch(
     lm: BaseLM,
     capture: Capture,
     plan: ContextPlan,

@@ -153,7 +153,9 @@ class Inspector:
         data: str | None = None,
         datastore: str | None = None,
         context_words: int = DEFAULT_CONTEXT_WORDS,
+        query_words: list[str] | None = None,
     ) -> None:
+        """``query_words``: the words of the cache's tokens where they are no split of a data-bin (a prompt)."""
         if context_words < 0:
             raise KnnlmError(f"--context must be at least 0; got {context_words}")
         self.cache = cache
@@ -169,7 +171,8 @@ class Inspector:
         self.lam, self.lam_source = self._lambda(valid_cache)
         self.data = data
         self._texts: dict[tuple[str, str], SplitText] = {}
-        self.query_text = self._try(self._query_text)
+        self.query_words = query_words
+        self.query_text = None if query_words is not None else self._try(self._query_text)
         self.symbols = self.query_text.symbols if self.query_text else self._try(self._symbols)
         self.store = self._try(lambda: self._open_datastore(datastore))
         self.store_text = self._try(self._store_text) if self.store is not None else None
@@ -180,12 +183,12 @@ class Inspector:
         if self.setting.lam != TUNE:
             return float(self.setting.lam), "given"
         valid = valid_cache
-        if valid is None and self.cache.split != "test":
+        if valid is None and self.cache.split == "valid":
             valid = self.cache
         if valid is None:
             raise KnnlmError(
-                f"{self.cache.path} is a test cache and λ is tuned on validation only: pass --valid-cache "
-                f"or a number as --lambda"
+                f"λ is tuned on a validation cache and {self.cache.path} is split {self.cache.split!r}: pass "
+                f"--valid-cache or a number as --lambda"
             )
         return tuned_lambda(valid, self.setting), f"tuned on {valid.split}"
 
@@ -357,6 +360,8 @@ class Inspector:
         )
 
     def _query_context(self, position: int, target: int, notes: list[str]) -> list[str] | None:
+        if self.query_words is not None:
+            return self.query_words[max(0, position - self.context_words) : position]
         if self.query_text is None:
             return None
         if int(self.query_text.stream.targets(position, position + 1)[0]) != target:

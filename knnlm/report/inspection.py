@@ -55,7 +55,7 @@ def _text_block(v: TokenView, top_values: int, color: bool) -> str:
         ),
         f"k={v.k} ({v.kept} kept)  τ={v.temperature:g}  λ={v.lam:g} ({v.lam_source})",
     ]
-    context = "" if v.context is None else " ".join(v.context)
+    context = _context_text(v.context)
     lines.append("context  " + _fit(context, WIDTH - 10 - len(target), keep_end=True) + " " + hit(target))
     lines.append(f"target   {v.target_text} (id {v.target})")
     lines.append(
