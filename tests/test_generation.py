@@ -243,7 +243,7 @@ def test_processor_refuses_misaligned_rows_and_foreign_values(hf):
         with pytest.raises(KnnlmError, match="2 rows but the scores have 3"):
             knn(torch.zeros(3, 3, dtype=torch.long), torch.zeros(3, MODEL_VOCAB))
         with pytest.raises(KnnlmError, match="another tokenizer"):
-            knn.interpolate(torch.zeros(1, 3), torch.zeros(1, HIDDEN))
+            knn.mix(torch.zeros(1, 3), torch.zeros(1, HIDDEN))
     finally:
         knn.remove()
     with pytest.raises(KnnlmError, match="'ffn' keys were asked"):

@@ -86,10 +86,10 @@ class KnnLogitsProcessor(LogitsProcessor):
                 "processor needs the forward of the same rows just before it (assisted decoding and "
                 "batched-beam variants that score other rows are not supported)"
             )
-        return self.interpolate(scores, keys[:, -1])
+        return self.mix(scores, keys[:, -1])
 
     @torch.no_grad()
-    def interpolate(self, scores: Tensor, queries: Tensor) -> Tensor:
+    def mix(self, scores: Tensor, queries: Tensor) -> Tensor:
         """Eq. 5 for ``scores`` [N, V] (logits or log-probs) and the ``queries`` [N, D] of the same rows."""
         vocab = scores.shape[-1]
         lm = torch.log_softmax(scores.double(), dim=-1)
