@@ -38,6 +38,11 @@ class KnnKnobs:
     temperature: float = 1.0
     lam: float | str = 0.25  # a number in [0, 1], or "tune" (needs valid_caches)
 
+    @property
+    def knobs(self) -> KnnKnobs:
+        """The kNN knobs alone (for recording them next to the results of a config that extends them)."""
+        return KnnKnobs(**{f.name: getattr(self, f.name) for f in fields(KnnKnobs)})
+
     def check(self) -> None:
         """Raise a :class:`KnnlmError` naming the option that is out of range."""
         for name, value, allowed in (
@@ -205,11 +210,6 @@ class ModelsConfig(KnnKnobs):
     valid_caches: list[str | Path] | None = None  # for --lambda tune: one per cache, same model, another split
     dictionary: str | Path | None = None  # dict.txt (default: <data_bin>/dict.txt)
     data_bin: str | Path | None = None
-
-    @property
-    def knobs(self) -> KnnKnobs:
-        """The kNN knobs alone (for recording them next to the results)."""
-        return KnnKnobs(**{f.name: getattr(self, f.name) for f in fields(KnnKnobs)})
 
     def settings(self) -> dict[str, Any]:
         """The options particular to one analysis (those a subclass adds), for the JSON output."""

@@ -5,6 +5,8 @@
     knnlm analyze benefit    --cache C --data-bin D --out OUT
     knnlm analyze position   --cache C [--cache C1 ...] --out OUT
     knnlm analyze stolen     --weights checkpoint.pt [--data-bin D] --out OUT
+    knnlm analyze temperature --cache V0 --cache V1 --label 'ω=0' --label 'ω=1' [--test-cache T0 ...]
+                             [--datastore D0 ...] [--checkpoint C0 ...] --out OUT
 
 Each writes ``OUT/<name>.png``, ``OUT/<name>.csv`` and, last, ``OUT/<name>.json``
 (every setting and summary number). The kNN-LM part uses one retrieval of each
@@ -47,13 +49,31 @@ ANALYSES: dict[str, tuple[str, str, str]] = {
     "benefit": ("benefit", "BenefitConfig", "which words the kNN part helps, FAISS vs real mask (Xu et al. App. D)"),
     "position": ("position", "PositionConfig", "perplexity by position in the context window (Xu et al. App. E.3)"),
     "stolen": ("stolen", "StolenConfig", "words that can never be the softmax argmax (Xu et al. App. E.4)"),
+    "temperature": (
+        "temperature",
+        "TemperatureConfig",
+        "key/query scale and kNN-LM perplexity over a τ grid: is ω's gain a temperature?",
+    ),
 }
 
 #: options that hold one value per compared model
-LIST_OPTIONS = ("caches", "labels", "valid_caches")
+LIST_OPTIONS = ("caches", "labels", "valid_caches", "test_caches", "datastores", "checkpoints")
 
 #: options that name files: made absolute against the launch directory in the hydra app
-PATH_OPTIONS = ("out", "cache", "caches", "valid_caches", "dictionary", "data_bin", "text", "weights", "bias")
+PATH_OPTIONS = (
+    "out",
+    "cache",
+    "caches",
+    "valid_caches",
+    "test_caches",
+    "datastores",
+    "checkpoints",
+    "dictionary",
+    "data_bin",
+    "text",
+    "weights",
+    "bias",
+)
 
 
 def _module(name: str) -> Any:
@@ -266,12 +286,50 @@ def _stolen(parser: argparse.ArgumentParser) -> None:
     _out(parser, a)
 
 
+def _temperature(parser: argparse.ArgumentParser) -> None:
+    a = "temperature"
+    _add(
+        parser,
+        a,
+        "--cache",
+        "caches",
+        "validation cache of one model (repeat)",
+        action="append",
+        required=True,
+        metavar="DIR",
+    )
+    _add(parser, a, "--label", "labels", "label of each --cache, in order", action="append", metavar="TEXT")
+    _add(parser, a, "--test-cache", "test_caches", "test cache of each model, in order", action="append", metavar="DIR")
+    _add(parser, a, "--datastore", "datastores", "datastore of each model (mean ‖k‖²)", action="append", metavar="DIR")
+    _add(
+        parser,
+        a,
+        "--checkpoint",
+        "checkpoints",
+        "fairseq checkpoint of each model (weight norms)",
+        action="append",
+        metavar="FILE",
+    )
+    _add(parser, a, "--retrieval", "retrieval", "retrieval folder name (overrides the knobs)", metavar="NAME")
+    _add(parser, a, "--key-type", "key_type", "att | ffn", metavar="KEY")
+    _add(parser, a, "--similarity", "similarity", "l2 | ip", metavar="SIM")
+    _add(parser, a, "--mask-source", "mask_source", "faiss | real", metavar="SRC")
+    _add(parser, a, "--score-source", "score_source", "faiss | real", metavar="SRC")
+    _add(parser, a, "--k", "k", "neighbours kept (<= k_max of the cache)", type=int)
+    _add(parser, a, "--lambda", "lam", "λ: 'tune' (on the validation cache, at each τ) or a number", metavar="L")
+    _add(parser, a, "--tau-min", "tau_min", "smallest τ of the geometric grid", type=float)
+    _add(parser, a, "--tau-max", "tau_max", "largest τ of the grid", type=float)
+    _add(parser, a, "--tau-points", "tau_points", "points of the grid (τ = 1 is added)", type=int)
+    _out(parser, a)
+
+
 _BUILDERS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "frequency": _frequency,
     "clustering": _clustering,
     "benefit": _benefit,
     "position": _position,
     "stolen": _stolen,
+    "temperature": _temperature,
 }
 
 

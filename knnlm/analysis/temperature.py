@@ -1,0 +1,284 @@
+"""Is a regularizer's kNN gain a temperature in disguise? (Ton et al.'s ω against Xu et al.'s τ)
+
+With L2 similarity a neighbour's weight is ``exp(−‖q − k‖² / τ)``. Multiplying every
+key and query by ``c`` multiplies ``‖q − k‖²`` by ``c²``: exactly the change of
+``τ → τ / c²``. The activation-L2 penalty (Ton et al. 2022) shrinks the keys, so part
+of its gain at τ = 1 may be a softer kNN distribution that a tuned τ gives the
+unregularized model too.
+
+For each model this analysis measures the scale of its representations — mean ‖r‖²
+of the datastore keys and of the queries, and the norms of the last layer's weights
+that set it (the LayerNorm gain in front of the FFN, whose output is the ``att`` key,
+and ``fc1`` that reads it) — and the kNN-LM perplexity over a geometric τ grid, λ
+tuned on the same validation split at every τ. Two panels: perplexity against τ,
+and against τ / mean‖q‖² (the temperature in units of the model's own scale; curves
+that coincide there differ by scale alone). Reading the numbers:
+
+* ω = 0 at its tuned τ matching ω = 1 at τ = 1 says the τ = 1 gain is reachable by τ;
+* ω = 1 still better than ω = 0 when both use their own tuned τ is a representational
+  effect; equal is a temperature effect.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from knnlm import scoring
+from knnlm.datastore.store import Datastore
+from knnlm.errors import KnnlmError
+from knnlm.evaluation.cache import Cache
+from knnlm.evaluation.score import TUNE
+
+from .inputs import KnnKnobs, labels_for, open_retrieval
+from .outputs import write_csv, write_json
+from .plots import PAIR_COLOURS, new_figure, paper_style, save_figure
+
+logger = logging.getLogger(__name__)
+
+NAME = "temperature"
+_CHUNK_ROWS = 1 << 16
+
+
+@dataclass(kw_only=True)
+class TemperatureConfig(KnnKnobs):
+    """``knnlm analyze temperature``: the options (defaults shared with configs/analyze/temperature.yaml).
+
+    ``caches`` are validation caches (τ and λ are tuned on them); ``test_caches``,
+    ``datastores`` and ``checkpoints`` are optional, one per model, in the same order.
+    """
+
+    out: str | Path
+    caches: list[str | Path]
+    labels: list[str] | None = None
+    lam: float | str = TUNE  # tuned at every τ on the validation cache, or one number for all
+    test_caches: list[str | Path] | None = None  # perplexity at the τ and λ chosen on the validation cache
+    datastores: list[str | Path] | None = None  # mean ‖k‖² of the keys
+    checkpoints: list[str | Path] | None = None  # fairseq checkpoints: LayerNorm gain and fc1 norms
+    tau_min: float = 0.1
+    tau_max: float = 1000.0
+    tau_points: int = 41  # geometric grid from tau_min to tau_max; τ = 1 is always added
+
+
+def temperature_grid(tau_min: float, tau_max: float, points: int) -> np.ndarray:
+    """``points`` geometrically spaced temperatures from ``tau_min`` to ``tau_max``, plus τ = 1, sorted."""
+    if not (0 < tau_min < tau_max and math.isfinite(tau_max)):
+        raise KnnlmError(f"--tau-min {tau_min} and --tau-max {tau_max} must satisfy 0 < min < max < inf")
+    if points < 2:
+        raise KnnlmError(f"--tau-points {points} must be at least 2")
+    grid = np.geomspace(tau_min, tau_max, points)
+    near_one = np.isclose(grid, 1.0, rtol=1e-9, atol=0.0)
+    grid[near_one] = 1.0  # a grid through 1 keeps its point there, exactly
+    return grid if near_one.any() else np.sort(np.append(grid, 1.0))
+
+
+def mean_squared_norm(rows: np.ndarray) -> float:
+    """Mean ‖r‖² over the rows of a (memory-mapped, possibly fp16) [N, D] array, summed in float64."""
+    total = 0.0
+    for start in range(0, len(rows), _CHUNK_ROWS):
+        chunk = np.asarray(rows[start : start + _CHUNK_ROWS], dtype=np.float64)
+        total += float(np.einsum("ij,ij->", chunk, chunk))
+    return total / max(len(rows), 1)
+
+
+def _model_cfg(state: dict[str, Any]) -> dict[str, Any]:
+    cfg = state.get("cfg")
+    model = cfg.get("model") if isinstance(cfg, dict) else getattr(cfg, "model", None)
+    if model is None:
+        model = state.get("args")
+    if model is None:
+        return {}
+    return dict(model) if isinstance(model, dict) else dict(vars(model))
+
+
+def weight_norms(checkpoint: str | Path) -> dict[str, Any]:
+    """Norms of the last decoder layer's LayerNorm in front of ``fc1`` (whose output is the att key) and of ``fc1``.
+
+    Pre-norm layers normalize with ``final_layer_norm`` there, post-norm layers with
+    ``self_attn_layer_norm`` (see :mod:`knnlm.models.capture`).
+    """
+    import torch
+
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise KnnlmError(f"--checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # a pickle of anything else fails in many ways
+        raise KnnlmError(f"--checkpoint {path} is not a readable fairseq checkpoint ({err})") from None
+    weights = state.get("model") if isinstance(state, dict) else None
+    if not isinstance(weights, dict):
+        raise KnnlmError(f"--checkpoint {path} has no 'model' state dict; pass a fairseq checkpoint")
+    layers = [int(m.group(1)) for name in weights if (m := re.match(r"decoder\.layers\.(\d+)\.fc1\.weight$", name))]
+    if not layers:
+        raise KnnlmError(f"--checkpoint {path}: no decoder.layers.N.fc1.weight; not a fairseq transformer LM")
+    last = f"decoder.layers.{max(layers)}"
+    pre_norm = bool(_model_cfg(state).get("decoder_normalize_before", True))
+    norm = f"{last}.{'final_layer_norm' if pre_norm else 'self_attn_layer_norm'}"
+
+    def l2(name: str) -> float | None:
+        tensor = weights.get(name)
+        return None if tensor is None else float(tensor.double().norm())
+
+    gain = weights.get(f"{norm}.weight")
+    return {
+        "layer_norm": norm,
+        "layer_norm_gain_norm": l2(f"{norm}.weight"),
+        "layer_norm_gain_mean_abs": None if gain is None else float(gain.double().abs().mean()),
+        "layer_norm_bias_norm": l2(f"{norm}.bias"),
+        "fc1_weight_norm": l2(f"{last}.fc1.weight"),
+    }
+
+
+@dataclass
+class TemperatureCurve:
+    """One model on the validation split: the kNN-LM over the τ grid, λ tuned at each τ."""
+
+    label: str
+    taus: np.ndarray
+    lambdas: np.ndarray  # tuned at each τ
+    ppl: np.ndarray  # kNN-LM perplexity at (τ, its tuned λ)
+    knn_ppl: np.ndarray  # the kNN distribution alone (λ = 1)
+    lm_ppl: float
+
+    def at(self, tau: float) -> int:
+        return int(np.argmin(np.abs(np.log(self.taus) - math.log(tau))))
+
+    @property
+    def best(self) -> int:
+        return int(np.argmin(self.ppl))
+
+
+def curve_of(label: str, cache: Cache, cfg: TemperatureConfig, taus: np.ndarray) -> TemperatureCurve:
+    """kNN-LM perplexity of ``cache`` at each τ (one pass over its neighbours for the whole grid)."""
+    retrieval = open_retrieval(cache, cfg.knobs)
+    lm = np.asarray(cache.lm_logprob, dtype=np.float64)
+    grid = scoring.knn_logprob_grid(
+        retrieval.scores, retrieval.vals, cache.targets, [cfg.k], list(taus), ids=retrieval.ids
+    )[0]
+    lambdas = np.array([scoring.tune_lambda(lm, knn) if cfg.lam == TUNE else float(cfg.lam) for knn in grid])
+    ppl = np.array(
+        [scoring.perplexity(scoring.interpolate(lm, knn, lam)).ppl for knn, lam in zip(grid, lambdas, strict=True)]
+    )
+    knn_ppl = np.array([scoring.perplexity(knn).ppl for knn in grid])
+    return TemperatureCurve(label, taus, lambdas, ppl, knn_ppl, scoring.perplexity(lm).ppl)
+
+
+def _test_ppl(cache: Cache, cfg: TemperatureConfig, settings: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """Test perplexity at each named (τ, λ) chosen on the validation split, and the LM's own."""
+    retrieval = open_retrieval(cache, cfg.knobs)
+    lm = np.asarray(cache.lm_logprob, dtype=np.float64)
+    out = {"lm": scoring.perplexity(lm).ppl}
+    for name, (tau, lam) in settings.items():
+        knn = scoring.knn_logprob(retrieval.scores, retrieval.vals, cache.targets, cfg.k, tau, ids=retrieval.ids)
+        out[name] = scoring.perplexity(scoring.interpolate(lm, knn, lam)).ppl
+    return out
+
+
+def _per_model(option: str, values: list[str | Path] | None, n: int) -> list[str | Path | None]:
+    if not values:
+        return [None] * n
+    if len(values) != n:
+        raise KnnlmError(f"{len(values)} {option} for {n} --cache; give one per --cache, in the same order")
+    return list(values)
+
+
+def plot_curves(curves: list[TemperatureCurve], scales: list[float], path: Path) -> Path:
+    """kNN-LM perplexity against τ (left) and τ / mean‖q‖² (right); ○ τ = 1, ★ the tuned τ."""
+    with paper_style():
+        fig, (raw, scaled) = new_figure(2, sharey=True)
+        for colour, curve, scale in zip(PAIR_COLOURS * 4, curves, scales, strict=False):
+            for ax, x in ((raw, curve.taus), (scaled, curve.taus / scale)):
+                ax.plot(x, curve.ppl, color=colour, label=curve.label)
+                one, best = curve.at(1.0), curve.best
+                ax.plot(x[one], curve.ppl[one], "o", color=colour, fillstyle="none")
+                ax.plot(x[best], curve.ppl[best], "*", color=colour, markersize=7)
+        for ax in (raw, scaled):
+            ax.set_xscale("log")
+        raw.set_xlabel("temperature τ")
+        scaled.set_xlabel("τ / mean ‖q‖² (scale-free temperature)")
+        raw.set_ylabel("kNN-LM perplexity (valid, λ tuned)")
+        scaled.set_ylabel("kNN-LM perplexity (valid, λ tuned)")
+        raw.legend(frameon=False)
+        return save_figure(fig, path)
+
+
+def run(cfg: TemperatureConfig) -> list[Path]:
+    """Scale statistics and τ curves of each model; write CSV, PNG and JSON under ``cfg.out``."""
+    cfg.knobs.check()
+    if not cfg.caches:
+        raise KnnlmError("give at least one --cache DIR (a validation cache per model)")
+    if cfg.similarity != "l2" and not cfg.retrieval:
+        logger.warning(
+            "--similarity %s: the scale argument holds for L2; with IP τ scales like c², not c", cfg.similarity
+        )
+    taus = temperature_grid(cfg.tau_min, cfg.tau_max, cfg.tau_points)
+    n = len(cfg.caches)
+    labels = labels_for(cfg.caches, cfg.labels)
+    tests = _per_model("--test-cache", cfg.test_caches, n)
+    stores = _per_model("--datastore", cfg.datastores, n)
+    checkpoints = _per_model("--checkpoint", cfg.checkpoints, n)
+    models, curves, scales = [], [], []
+    for label, path, test, store, checkpoint in zip(labels, cfg.caches, tests, stores, checkpoints, strict=True):
+        cache = Cache(path)
+        if cache.split == "test":
+            raise KnnlmError(f"--cache {cache.path}: τ and λ are tuned on it, so it must not be the test split")
+        query_file = cache.path / f"query_{cfg.key_type}.npy"
+        if not query_file.is_file():
+            raise KnnlmError(f"{query_file} is missing: re-run the dump keeping the {cfg.key_type} queries")
+        query_sq = mean_squared_norm(np.load(query_file, mmap_mode="r"))
+        entry: dict[str, Any] = {"label": label, "cache": str(cache.path), "n_tokens": cache.n_tokens}
+        entry["mean_query_sq_norm"] = query_sq
+        if store is not None:
+            ds = Datastore.open(store, key_type=cfg.key_type)
+            entry["datastore"] = str(ds.path)
+            entry["mean_key_sq_norm"] = mean_squared_norm(ds.keys)
+        if checkpoint is not None:
+            entry.update(weight_norms(checkpoint))
+        curve = curve_of(label, cache, cfg, taus)
+        one, best = curve.at(1.0), curve.best
+        knn_best = int(np.argmin(curve.knn_ppl))
+        entry.update(
+            lm_ppl=curve.lm_ppl,
+            tau1={"ppl": curve.ppl[one], "lambda": curve.lambdas[one], "knn_ppl": curve.knn_ppl[one]},
+            tuned={"tau": curve.taus[best], "ppl": curve.ppl[best], "lambda": curve.lambdas[best]},
+            knn_only_tuned={"tau": curve.taus[knn_best], "knn_ppl": curve.knn_ppl[knn_best]},
+            tuned_tau_over_query_sq_norm=curve.taus[best] / query_sq,
+        )
+        if test is not None:
+            entry["test"] = _test_ppl(
+                Cache(test),
+                cfg,
+                {"tau1": (1.0, curve.lambdas[one]), "tuned": (curve.taus[best], curve.lambdas[best])},
+            )
+        models.append(entry)
+        curves.append(curve)
+        scales.append(query_sq)
+        logger.info(
+            "%s: mean‖q‖² %.1f, τ=1 %.2f, tuned τ=%.3g %.2f",
+            label,
+            query_sq,
+            entry["tau1"]["ppl"],
+            curve.taus[best],
+            curve.ppl[best],
+        )
+    out = Path(cfg.out)
+    rows = [
+        [c.label, tau, tau / s, lam, ppl, knn]
+        for c, s in zip(curves, scales, strict=True)
+        for tau, lam, ppl, knn in zip(c.taus, c.lambdas, c.ppl, c.knn_ppl, strict=True)
+    ]
+    files = [
+        write_csv(out / f"{NAME}.csv", ["model", "tau", "tau_over_query_sq_norm", "lambda", "ppl", "knn_ppl"], rows),
+        plot_curves(curves, scales, out / f"{NAME}.png"),
+    ]
+    summary = {"analysis": NAME, "knobs": cfg.knobs, "taus": taus, "models": models}
+    files.append(write_json(out / f"{NAME}.json", summary))
+    logger.info("temperature and scale: %s", ", ".join(str(f) for f in files))
+    return files

@@ -1,0 +1,155 @@
+"""`knnlm analyze temperature`: the τ curves against brute force, the scale law, the weight norms, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from knnlm.analysis.temperature import (
+    TemperatureConfig,
+    curve_of,
+    mean_squared_norm,
+    run,
+    temperature_grid,
+    weight_norms,
+)
+from knnlm.cli import main as cli_main
+from knnlm.errors import KnnlmError
+from knnlm.evaluation.cache import Cache, RetrievalArrays, RetrievalInfo, write_cache
+
+VOCAB, DIM, N_KEYS, N_TOKENS, K = 12, 5, 60, 80, 16
+
+
+def _l2_cache(path, split: str, scale: float, seed: int = 0):
+    """A cache whose neighbours are the exact L2 top-K of its queries over a datastore, all scaled by ``scale``."""
+    rng = np.random.default_rng(seed)
+    keys = rng.normal(size=(N_KEYS, DIM)) * scale
+    key_vals = rng.integers(0, VOCAB, size=N_KEYS)
+    queries = rng.normal(size=(N_TOKENS, DIM)) * scale
+    targets = rng.integers(0, VOCAB, size=N_TOKENS)
+    dist = ((queries[:, None, :] - keys[None, :, :]) ** 2).sum(-1)
+    ids = np.argsort(dist, axis=1)[:, :K]
+    scores = -np.take_along_axis(dist, ids, axis=1)
+    info = RetrievalInfo("att-l2-real", "att", "l2", "real", "real", K, datastore={"path": "ds", "size": N_KEYS})
+    write_cache(
+        path,
+        split=split,
+        targets=targets,
+        lm_logprob=np.log(rng.uniform(0.02, 0.6, size=N_TOKENS)),
+        dict_size=VOCAB,
+        checkpoint_fingerprint="sha256:tiny",
+        key_dims={"att": DIM},
+        retrievals=[RetrievalArrays(info, ids, scores, key_vals[ids])],
+        query_att=queries,
+    )
+    return Cache(path)
+
+
+def _config(tmp_path, caches, **kw) -> TemperatureConfig:
+    base = dict(out=tmp_path / "out", caches=caches, k=K, mask_source="real", score_source="real")
+    return TemperatureConfig(**{**base, **kw})
+
+
+def test_grid_is_geometric_and_holds_one():
+    grid = temperature_grid(0.1, 1000.0, 41)
+    assert len(grid) == 41 and 1.0 in grid and grid[0] == pytest.approx(0.1) and grid[-1] == pytest.approx(1000.0)
+    assert np.allclose(np.diff(np.log10(grid)), 0.1)
+    assert 1.0 in temperature_grid(0.3, 7.0, 5) and len(temperature_grid(0.3, 7.0, 5)) == 6
+    for bad in ((0.0, 1.0, 5), (2.0, 1.0, 5), (0.1, 1.0, 1)):
+        with pytest.raises(KnnlmError):
+            temperature_grid(*bad)
+
+
+def test_mean_squared_norm_of_chunked_fp16_rows():
+    rows = np.random.default_rng(1).normal(size=(70_000, 3)).astype(np.float16)
+    exact = float(np.mean(np.sum(rows.astype(np.float64) ** 2, axis=1)))
+    assert mean_squared_norm(rows) == pytest.approx(exact, rel=1e-12)
+
+
+def test_curve_matches_brute_force(tmp_path):
+    cache = _l2_cache(tmp_path / "valid", "valid", scale=1.0)
+    taus = np.array([0.5, 1.0, 4.0])
+    curve = curve_of("m", cache, _config(tmp_path, [cache.path]), taus)
+    r = cache.retrieval("att-l2-real")
+    lm = np.asarray(cache.lm_logprob, dtype=np.float64)
+    for i, tau in enumerate(taus):
+        knn = np.empty(N_TOKENS)
+        for t in range(N_TOKENS):
+            w = [math.exp(float(s) / tau) for s in r.scores[t]]
+            hit = sum(wj for wj, v in zip(w, r.vals[t], strict=True) if v == cache.targets[t])
+            knn[t] = math.log(hit / sum(w)) if hit > 0 else -math.inf
+        lam = curve.lambdas[i]
+        mixed = np.log((1 - lam) * np.exp(lm) + lam * np.exp(knn))
+        assert curve.ppl[i] == pytest.approx(math.exp(-mixed.mean()), rel=1e-9)
+        assert curve.knn_ppl[i] == pytest.approx(math.exp(-knn.mean()) if np.isfinite(knn).all() else math.inf)
+        # λ is the best of the 0.01 grid on this very split
+        grid = np.linspace(0, 1, 101)
+        with np.errstate(divide="ignore"):
+            nll = [-np.log((1 - g) * np.exp(lm) + g * np.exp(knn)).mean() for g in grid]
+        assert lam == pytest.approx(grid[int(np.argmin(nll))])
+
+
+def test_scaling_keys_and_queries_is_a_temperature(tmp_path):
+    """Keys and queries ×√10 give the same curve at τ ×10 (ten grid steps of 10^0.1)."""
+    a = _l2_cache(tmp_path / "a", "valid", scale=1.0)
+    b = _l2_cache(tmp_path / "b", "valid", scale=math.sqrt(10.0))
+    taus = temperature_grid(0.1, 1000.0, 41)
+    x1 = curve_of("x1", a, _config(tmp_path, [a.path]), taus)
+    x10 = curve_of("x10", b, _config(tmp_path, [b.path]), taus)
+    np.testing.assert_allclose(x10.ppl[10:], x1.ppl[:-10], rtol=1e-4)
+    np.testing.assert_allclose(x10.knn_ppl[10:], x1.knn_ppl[:-10], rtol=1e-4)
+    # at the same τ the larger scale is a 10x colder distribution: not the same numbers
+    assert not np.allclose(x10.ppl, x1.ppl, rtol=1e-3)
+    (json_file,) = [f for f in run(_config(tmp_path, [a.path, b.path], labels=["x1", "x10"])) if f.suffix == ".json"]
+    m1, m10 = json.loads(json_file.read_text())["models"]
+    assert m10["mean_query_sq_norm"] == pytest.approx(10 * m1["mean_query_sq_norm"], rel=2e-3)
+
+
+def test_weight_norms_read_the_layer_norm_in_front_of_fc1(tmp_path):
+    gain, fc1 = torch.full((8,), 0.5), torch.ones(16, 8)
+    state = {
+        "model": {
+            "decoder.layers.0.fc1.weight": torch.zeros(16, 8),
+            "decoder.layers.1.fc1.weight": fc1,
+            "decoder.layers.1.final_layer_norm.weight": gain,
+            "decoder.layers.1.final_layer_norm.bias": torch.zeros(8),
+            "decoder.layers.1.self_attn_layer_norm.weight": torch.ones(8),
+        },
+        "cfg": {"model": {"decoder_normalize_before": True}},
+    }
+    torch.save(state, tmp_path / "pre.pt")
+    norms = weight_norms(tmp_path / "pre.pt")
+    assert norms["layer_norm"] == "decoder.layers.1.final_layer_norm"
+    assert norms["layer_norm_gain_norm"] == pytest.approx(0.5 * math.sqrt(8))
+    assert norms["fc1_weight_norm"] == pytest.approx(math.sqrt(16 * 8))
+    state["cfg"]["model"]["decoder_normalize_before"] = False
+    torch.save(state, tmp_path / "post.pt")
+    assert weight_norms(tmp_path / "post.pt")["layer_norm_gain_norm"] == pytest.approx(math.sqrt(8))
+    torch.save({"model": {"encoder.x": torch.ones(1)}}, tmp_path / "other.pt")
+    with pytest.raises(KnnlmError, match="not a fairseq transformer LM"):
+        weight_norms(tmp_path / "other.pt")
+
+
+def test_cli_writes_the_figure_table_and_test_numbers(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli_main, "COMMANDS", ["analyze"])
+    valid = _l2_cache(tmp_path / "valid", "valid", scale=1.0)
+    test = _l2_cache(tmp_path / "test", "test", scale=1.0, seed=1)
+    out = tmp_path / "out"
+    argv = ["analyze", "temperature", "--cache", str(valid.path), "--test-cache", str(test.path), "--out", str(out)]
+    knobs = ["--k", str(K), "--mask-source", "real", "--score-source", "real", "--tau-points", "21"]
+    assert cli_main.main([*argv, *knobs]) == 0
+    summary = json.loads((out / "temperature.json").read_text())
+    (model,) = summary["models"]
+    assert len(summary["taus"]) == 21 and model["test"]["tuned"] > 0 and model["test"]["lm"] > 0
+    assert (out / "temperature.png").read_bytes()[:4] == b"\x89PNG"
+    assert len((out / "temperature.csv").read_text().splitlines()) == 1 + 21
+    # τ is tuned on the cache given: a test cache there is refused
+    assert cli_main.main(["analyze", "temperature", "--cache", str(test.path), "--out", str(out), *knobs]) == 2
+    assert "must not be the test split" in capsys.readouterr().err
+    argv = ["analyze", "temperature", "--cache", str(valid.path), "--datastore", "a", "--datastore", "b"]
+    assert cli_main.main([*argv, "--out", str(out), *knobs]) == 2
+    assert "2 --datastore for 1 --cache" in capsys.readouterr().err
