@@ -447,3 +447,15 @@ def test_generate_options_are_the_config_fields():
         f.name for f in dataclasses.fields(GenerateConfig)
     }
     assert all(f.metadata.get("help") for f in dataclasses.fields(GenerateConfig))
+
+
+def test_generate_prints_each_prompt_and_its_continuation(fairseq_lm, tiny_checkpoint, tiny_data_bin, capsys):
+    """Without --out: one line per prompt, in the file's order, prompt and continuation tab-separated."""
+    cfg = config(fairseq_lm, tiny_checkpoint, tiny_data_bin, lmbda=0.5, beam=2, batch_size=1)
+    given = {name: value for name, value in dataclasses.asdict(cfg).items() if value not in (None, False)}
+    parsed = build_parser().parse_args(["generate", *(f"--{k.replace('_', '-')}={v}" for k, v in given.items())])
+    assert GenerateConfig(**{f.name: getattr(parsed, f.name) for f in dataclasses.fields(GenerateConfig)}) == cfg
+    parsed.func(parsed)
+    lines = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    assert [line[0] for line in lines] == fairseq_lm[3].read_text().splitlines()
+    assert all(len(line) == 2 and line[1] for line in lines)
