@@ -79,10 +79,10 @@ def _text_block(v: TokenView, top_values: int, color: bool) -> str:
     lines.append(f"{'value':<{value_w}}  {'mass':>6}  {'nbrs':>5}  =")
     for m in shown:
         value = f"{_fit(m.text, value_w):<{value_w}}"
-        bar = "#" * max(1 if m.mass > 0 else 0, round(m.mass * BAR))
+        bar = "#" * round(m.mass * BAR)
         lines.append(
             f"{hit(value) if m.is_target else value}  {m.mass:>6.4f}  {m.neighbours:>5}  "
-            f"{'=' if m.is_target else ' '}  {bar}"
+            f"{'=' if m.is_target else ' '}  {bar}".rstrip()
         )
     for note in v.notes:
         lines.append(_fit(f"note: {note}", WIDTH))
