@@ -30,9 +30,11 @@ def _l2_cache(path, split: str, scale: float, seed: int = 0):
     keys = rng.normal(size=(N_KEYS, DIM)) * scale
     key_vals = rng.integers(0, VOCAB, size=N_KEYS)
     queries = rng.normal(size=(N_TOKENS, DIM)) * scale
-    targets = rng.integers(0, VOCAB, size=N_TOKENS)
     dist = ((queries[:, None, :] - keys[None, :, :]) ** 2).sum(-1)
     ids = np.argsort(dist, axis=1)[:, :K]
+    # the target is often a near neighbour's value, so the kNN part helps at some temperatures
+    near = key_vals[ids[np.arange(N_TOKENS), rng.integers(0, 3, size=N_TOKENS)]]
+    targets = np.where(rng.random(N_TOKENS) < 0.7, near, rng.integers(0, VOCAB, size=N_TOKENS))
     scores = -np.take_along_axis(dist, ids, axis=1)
     info = RetrievalInfo("att-l2-real", "att", "l2", "real", "real", K, datastore={"path": "ds", "size": N_KEYS})
     write_cache(
@@ -84,7 +86,7 @@ def test_curve_matches_brute_force(tmp_path):
             knn[t] = math.log(hit / sum(w)) if hit > 0 else -math.inf
         lam = curve.lambdas[i]
         mixed = np.log((1 - lam) * np.exp(lm) + lam * np.exp(knn))
-        assert curve.ppl[i] == pytest.approx(math.exp(-mixed.mean()), rel=1e-9)
+        assert curve.ppl[i] == pytest.approx(math.exp(-mixed.mean()), rel=1e-6)  # fp32 scores, fp32 sums
         assert curve.knn_ppl[i] == pytest.approx(math.exp(-knn.mean()) if np.isfinite(knn).all() else math.inf)
         # λ is the best of the 0.01 grid on this very split
         grid = np.linspace(0, 1, 101)
