@@ -30,11 +30,12 @@ from knnlm.models.devices import resolve_device
 def _keys_of(datastore: Any) -> np.ndarray:
     """The [N, D] key array of a :class:`~knnlm.datastore.store.Datastore` or an array itself.
 
-    A datastore's keys are read into memory first when they fit (see
-    :meth:`Datastore.load_keys_if_they_fit`): exact search and re-scoring gather rows.
+    A datastore's keys are read into memory first when they fit, as fp32 when that
+    copy fits (see :meth:`Datastore.load_keys_if_they_fit`): exact search and
+    re-scoring gather rows, and fp32 rows need no conversion per query batch.
     """
     if hasattr(datastore, "load_keys_if_they_fit"):
-        datastore.load_keys_if_they_fit()
+        datastore.load_keys_if_they_fit(dtype=np.float32)
     keys = getattr(datastore, "keys", datastore)
     if not isinstance(keys, np.ndarray) or keys.ndim != 2:
         raise KnnlmError("exact search needs a Datastore or an [N, D] key array")
@@ -197,8 +198,8 @@ def _exact_scores(
 ) -> torch.Tensor:
     """Scores of ``ids`` [B, k] for queries ``q`` [B, D]; −inf where an id is −1.
 
-    L2 is ``−‖q−k‖²`` from the differences (no cancellation of a norm expansion);
-    the work is done in place on one fp32 [B, k, D] block.
+    L2 is ``−‖q−k‖²`` from the differences (no cancellation of a norm expansion),
+    computed by ``cdist``'s direct kernel, which reads the gathered [B, k, D] block once.
     """
     flat = ids.reshape(-1).cpu().numpy()
     rows = _gather_rows(keys, flat).to(dev, non_blocking=True)
@@ -206,7 +207,8 @@ def _exact_scores(
     if similarity == "ip":
         scores = torch.bmm(block, q[:, :, None]).squeeze(-1)
     else:
-        scores = block.sub_(q[:, None, :]).square_().sum(-1).neg_()
+        dist = torch.cdist(q[:, None, :], block, compute_mode="donot_use_mm_for_euclid_dist")[:, 0]
+        scores = dist.square_().neg_()
     scores[torch.from_numpy(flat < 0).to(dev).view(ids.shape)] = -torch.inf
     return scores
 

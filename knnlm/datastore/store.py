@@ -183,17 +183,24 @@ class Datastore:
     def __len__(self) -> int:
         return self.num_keys
 
-    def load_keys_if_they_fit(self, max_bytes: int | None = None) -> bool:
+    def load_keys_if_they_fit(self, max_bytes: int | None = None, dtype: np.dtype | type | None = None) -> bool:
         """Read the keys into memory when they take at most ``max_bytes`` (default: half the free RAM).
 
         Re-scoring gathers ~k scattered rows per query: from a memory map each row
         is a page fault, which made re-scoring cost several times the search itself;
-        one sequential read is seconds. Larger datastores stay memory-mapped.
-        Returns whether the keys are in memory now.
+        one sequential read is seconds. With ``dtype`` (float32 for exact search) the
+        keys are held converted when that copy fits too, so that neither the search's
+        chunks nor the gathered rows are converted again for every query batch.
+        Larger datastores stay memory-mapped. Returns whether the keys are in memory now.
         """
+        budget = available_memory() // 2 if max_bytes is None else max_bytes
+        if dtype is not None and self.keys.dtype != dtype:
+            converted = self.keys.size * np.dtype(dtype).itemsize
+            if converted <= budget + (0 if isinstance(self.keys, np.memmap) else self.keys.nbytes):
+                self.keys = np.asarray(self.keys, dtype=dtype)
+                return True
         if not isinstance(self.keys, np.memmap):
             return True
-        budget = available_memory() // 2 if max_bytes is None else max_bytes
         if self.keys.nbytes > budget:
             return False
         self.keys = np.array(self.keys)
