@@ -87,7 +87,9 @@ def test_curve_matches_brute_force(tmp_path):
         lam = curve.lambdas[i]
         mixed = np.log((1 - lam) * np.exp(lm) + lam * np.exp(knn))
         assert curve.ppl[i] == pytest.approx(math.exp(-mixed.mean()), rel=1e-6)  # fp32 scores, fp32 sums
-        assert curve.knn_ppl[i] == pytest.approx(math.exp(-knn.mean()) if np.isfinite(knn).all() else math.inf)
+        covered = np.isfinite(knn)
+        assert curve.covered == pytest.approx(covered.mean()) and 0.3 < curve.covered < 1.0
+        assert curve.knn_ppl[i] == pytest.approx(math.exp(-knn[covered].mean()), rel=1e-6)
         # λ is the best of the 0.01 grid on this very split
         grid = np.linspace(0, 1, 101)
         with np.errstate(divide="ignore"):

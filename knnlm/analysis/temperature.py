@@ -144,7 +144,8 @@ class TemperatureCurve:
     taus: np.ndarray
     lambdas: np.ndarray  # tuned at each τ
     ppl: np.ndarray  # kNN-LM perplexity at (τ, its tuned λ)
-    knn_ppl: np.ndarray  # the kNN distribution alone (λ = 1)
+    knn_ppl: np.ndarray  # the kNN distribution alone (λ = 1), over the tokens it gives mass (covered)
+    covered: float  # fraction of tokens whose target is among the k neighbours (the same at every τ)
     lm_ppl: float
 
     def at(self, tau: float) -> int:
@@ -166,8 +167,9 @@ def curve_of(label: str, cache: Cache, cfg: TemperatureConfig, taus: np.ndarray)
     ppl = np.array(
         [scoring.perplexity(scoring.interpolate(lm, knn, lam)).ppl for knn, lam in zip(grid, lambdas, strict=True)]
     )
-    knn_ppl = np.array([scoring.perplexity(knn).ppl for knn in grid])
-    return TemperatureCurve(label, taus, lambdas, ppl, knn_ppl, scoring.perplexity(lm).ppl)
+    covered = np.isfinite(grid[0])
+    knn_ppl = np.array([scoring.perplexity(knn[covered]).ppl if covered.any() else math.inf for knn in grid])
+    return TemperatureCurve(label, taus, lambdas, ppl, knn_ppl, float(covered.mean()), scoring.perplexity(lm).ppl)
 
 
 def _test_ppl(cache: Cache, cfg: TemperatureConfig, settings: dict[str, tuple[float, float]]) -> dict[str, float]:
@@ -244,11 +246,12 @@ def run(cfg: TemperatureConfig) -> list[Path]:
         curve = curve_of(label, cache, cfg, taus)
         one, best = curve.at(1.0), curve.best
         knn_best = int(np.argmin(curve.knn_ppl))
+        entry["knn_covered_fraction"] = curve.covered
         entry.update(
             lm_ppl=curve.lm_ppl,
-            tau1={"ppl": curve.ppl[one], "lambda": curve.lambdas[one], "knn_ppl": curve.knn_ppl[one]},
+            tau1={"ppl": curve.ppl[one], "lambda": curve.lambdas[one], "knn_ppl_covered": curve.knn_ppl[one]},
             tuned={"tau": curve.taus[best], "ppl": curve.ppl[best], "lambda": curve.lambdas[best]},
-            knn_only_tuned={"tau": curve.taus[knn_best], "knn_ppl": curve.knn_ppl[knn_best]},
+            knn_only_tuned={"tau": curve.taus[knn_best], "knn_ppl_covered": curve.knn_ppl[knn_best]},
             tuned_tau_over_query_sq_norm=curve.taus[best] / query_sq,
         )
         if test is not None:
@@ -275,7 +278,9 @@ def run(cfg: TemperatureConfig) -> list[Path]:
         for tau, lam, ppl, knn in zip(c.taus, c.lambdas, c.ppl, c.knn_ppl, strict=True)
     ]
     files = [
-        write_csv(out / f"{NAME}.csv", ["model", "tau", "tau_over_query_sq_norm", "lambda", "ppl", "knn_ppl"], rows),
+        write_csv(
+            out / f"{NAME}.csv", ["model", "tau", "tau_over_query_sq_norm", "lambda", "ppl", "knn_ppl_covered"], rows
+        ),
         plot_curves(curves, scales, out / f"{NAME}.png"),
     ]
     summary = {"analysis": NAME, "knobs": cfg.knobs, "taus": taus, "models": models}
