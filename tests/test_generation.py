@@ -459,3 +459,27 @@ def test_generate_prints_each_prompt_and_its_continuation(fairseq_lm, tiny_check
     lines = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
     assert [line[0] for line in lines] == fairseq_lm[3].read_text().splitlines()
     assert all(len(line) == 2 and line[1] for line in lines)
+
+
+def test_generate_min_new_tokens_bars_the_end_of_line(fairseq_lm, tiny_checkpoint, tiny_data_bin):
+    """--min-new-tokens = --max-new-tokens: continuations of exactly that length, where some would have ended."""
+    eos = fairseq_lm[1].source_dictionary.eos()
+    knobs = {"lmbda": 0.5, "sampling": True, "max_new_tokens": 40, "batch_size": 2, "seed": 5}
+    free = run_generate(config(fairseq_lm, tiny_checkpoint, tiny_data_bin, **knobs))
+    assert any(r["stopped"] == "eos" for r in free)  # the tiny LM likes </s>: the bar has work to do
+    fixed = run_generate(config(fairseq_lm, tiny_checkpoint, tiny_data_bin, **knobs, min_new_tokens=40))
+    assert all(len(r["tokens"]) == 40 and eos not in r["tokens"] and r["stopped"] == "length" for r in fixed)
+    assert all(r["seconds"] > 0 for r in fixed) and fixed[0]["settings"]["min_new_tokens"] == 40
+    with pytest.raises(KnnlmError, match="--min-new-tokens 41 exceeds --max-new-tokens 40"):
+        run_generate(config(fairseq_lm, tiny_checkpoint, tiny_data_bin, **{**knobs, "min_new_tokens": 41}))
+
+
+def test_lambda_zero_never_searches(fairseq_lm, tiny_checkpoint, tiny_data_bin, monkeypatch):
+    """λ = 0 is the LM alone: generating costs no search (and its words are those of λ = 0 with a search)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("searched at λ = 0")
+
+    monkeypatch.setattr(Retriever, "search", refuse)
+    records = run_generate(config(fairseq_lm, tiny_checkpoint, tiny_data_bin, lmbda=0.0, max_new_tokens=4))
+    assert len(records) == 3 and all(r["tokens"] for r in records)

@@ -13,6 +13,7 @@ the context the continuation depends on. Write ``<unk>`` in the prompt to mean t
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -56,6 +57,9 @@ class GenerateConfig:
         default=-1.0, metadata={"help": "sample from the smallest set of words of mass p (-1: all)"}
     )
     max_new_tokens: int = field(default=20, metadata={"help": "words generated after each prompt at most"})
+    min_new_tokens: int = field(
+        default=0, metadata={"help": "words generated before </s> may end one (= --max-new-tokens: fixed length)"}
+    )
     seed: int = field(default=1, metadata={"help": "torch seed (sampling)"})
     batch_size: int = field(default=8, metadata={"help": "prompts per generator call (prompts of equal length)"})
     device: str = field(default="auto", metadata={"help": "auto (GPU if present), cpu, cuda"})
@@ -68,12 +72,17 @@ def check_generate_options(cfg: GenerateConfig) -> None:
         ("--k", cfg.k, 1),
         ("--beam", cfg.beam, 1),
         ("--max-new-tokens", cfg.max_new_tokens, 1),
+        ("--min-new-tokens", cfg.min_new_tokens, 0),
         ("--batch-size", cfg.batch_size, 1),
         ("--nprobe", cfg.nprobe, 1),
     ):
         require_at_least(name, value, low)
     if not 0.0 <= cfg.lmbda <= 1.0:
         raise KnnlmError(f"--lmbda must be in [0, 1]; got {cfg.lmbda}")
+    if cfg.min_new_tokens > cfg.max_new_tokens:
+        raise KnnlmError(
+            f"--min-new-tokens {cfg.min_new_tokens} exceeds --max-new-tokens {cfg.max_new_tokens}; lower it"
+        )
     if not cfg.knn_temp > 0:
         raise KnnlmError(f"--knn-temp must be positive; got {cfg.knn_temp}")
     if cfg.knn_key_type not in KEY_TYPES:
@@ -134,7 +143,11 @@ def open_knn_model(cfg: GenerateConfig) -> tuple[KnnInterpolatedLM, Any]:
 
 
 def build_generator(model: torch.nn.Module, dictionary: Any, cfg: GenerateConfig, prompt_len: int) -> Any:
-    """fairseq's ``SequenceGenerator`` for prompts of ``prompt_len`` words and ``cfg``'s search."""
+    """fairseq's ``SequenceGenerator`` for prompts of ``prompt_len`` words and ``cfg``'s search.
+
+    fairseq counts lengths from the first prompt word: ``</s>`` is barred before step ``min_len``
+    and forced at step ``max_len_b``, so both limits are the prompt length plus the new words.
+    """
     from fairseq import search
     from fairseq.sequence_generator import SequenceGenerator
 
@@ -145,6 +158,7 @@ def build_generator(model: torch.nn.Module, dictionary: Any, cfg: GenerateConfig
         beam_size=cfg.beam,
         max_len_a=0,
         max_len_b=prompt_len + cfg.max_new_tokens,
+        min_len=prompt_len + cfg.min_new_tokens,
         search_strategy=strategy,
     )
 
@@ -164,7 +178,11 @@ def batches(prompts: list[tuple[str, list[int]]], batch_size: int) -> Iterator[l
 def generate_continuations(
     model: torch.nn.Module, task: Any, prompts: list[tuple[str, list[int]]], cfg: GenerateConfig
 ) -> list[dict[str, Any]]:
-    """The best hypothesis of each prompt: continuation ids (no end of line), fairseq's score, why it stopped."""
+    """The best hypothesis of each prompt: continuation ids (no end of line), fairseq's score, why it stopped.
+
+    ``seconds`` is the prompt's share of its batch's wall clock (the batch's time over its rows), so
+    that the records of a run add up to the time spent generating, model loading excluded.
+    """
     dictionary = task.source_dictionary
     device = resolve_device(cfg.device)
     model.eval().to(device)
@@ -184,7 +202,9 @@ def generate_continuations(
             "net_input": {"src_tokens": tokens, "src_lengths": torch.full((len(rows),), length, device=device)},
         }
         generator = build_generator(model, dictionary, cfg, length)
+        start = time.perf_counter()
         hypos = task.inference_step(generator, [model], sample, prefix_tokens=tokens)
+        seconds = (time.perf_counter() - start) / len(rows)
         for row, hypo in zip(rows, hypos, strict=True):
             best = hypo[0]
             ids = best["tokens"][length:].tolist()
@@ -194,6 +214,7 @@ def generate_continuations(
                 "tokens": ids,
                 "score": float(best["score"]),
                 "stopped": "length" if len(ids) >= cfg.max_new_tokens else "eos",
+                "seconds": seconds,
             }
     return results
 

@@ -167,6 +167,8 @@ class KnnInterpolatedLM(BaseFairseqModel):
                 "the kNN queries do not line up with the scored positions: leave fairseq-eval-lm's "
                 "--softmax-batch at its default"
             )
+        if self.lmbda == 0.0:  # Eq. 5 is the LM alone: no search (the queries were popped all the same)
+            return self.lm.get_normalized_probs(net_output, log_probs=log_probs, sample=sample)
         target = None if sample is None else sample.get("target")
         if self.full_distribution or target is None or target.shape != features.shape[:2]:
             mixed = self._full_distribution(net_output, sample, queries)
