@@ -13,6 +13,7 @@ BENCHMARKS=(
   "bench_criteria.py --threads $THREADS --steps 2 --reps 15"
   "bench_datastore.py --threads $THREADS"
   "bench_search.py --threads $THREADS"
+  "bench_scale.py --threads $THREADS"
   "bench_eval.py --threads $THREADS"
   "bench_replacements.py --threads $THREADS"
   # WikiText-2 scale: needs a trained small model (CKPT) and data-bin/wikitext-2; skipped without them
