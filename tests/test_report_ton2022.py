@@ -145,9 +145,10 @@ epoch=1
 while [ $# -gt 0 ]; do [ "$1" = --save-dir ] && dir=$2; [ "$1" = --max-epoch ] && epoch=$2; shift; done
 touch "$dir/checkpoint_best.pt" "$dir/checkpoint_last.pt"
 ppl=194.01; [ "$epoch" = 1 ] || ppl=193.5
-printf '2024-01-01 00:00:00 | INFO | train_inner | epoch %03d:    100 / 200 loss=9.1, ppl=548.2\\n' "$epoch"
-printf '2024-01-01 00:00:01 | INFO | train | epoch %03d | loss 7.438 | ppl 173.42 | wps 5000 | train_wall 60 |\\n' "$epoch"
-printf "2024-01-01 00:00:02 | INFO | valid | epoch %03d | valid on 'valid' subset | loss 7.6 | ppl $ppl | wps 9\\n" "$epoch"
+t='2024-01-01 00:00:00 | INFO'
+printf "$t | train_inner | epoch %03d:    100 / 200 loss=9.1, ppl=548.2\\n" "$epoch"
+printf "$t | train | epoch %03d | loss 7.438 | ppl 173.42 | wps 5000 | train_wall 60 |\\n" "$epoch"
+printf "$t | valid | epoch %03d | valid on 'valid' subset | loss 7.6 | ppl $ppl | wps 9\\n" "$epoch"
 """
 
 STUB_KNNLM = """#!/usr/bin/env bash
