@@ -27,6 +27,9 @@ EXACT_LIMIT=${EXACT_LIMIT:-0}          # tokens of valid/test with exact neighbo
 EXACT_KEY=${EXACT_KEY:-att}            # key type and metric of the FAISS/real mask/score comparison
 EXACT_METRIC=${EXACT_METRIC:-l2}
 SCORE_ARGS=${SCORE_ARGS:-}             # extra knnlm score arguments (e.g. --label omega=1)
+# Figure 5's τ sweep: the paper's 0.1-3 range, then on to 100 (keys with ‖r‖² in the hundreds, like an
+# unregularized small model's, are best at τ in the tens)
+TEMPERATURES=${TEMPERATURES:-0.1:3.0:0.1,4,5,7,10,15,20,30,50,100}
 DEVICE=${DEVICE:-auto}
 mkdir -p "$OUT"
 TIMINGS=$OUT/timings.tsv
@@ -91,13 +94,13 @@ rm -f "$RESULTS"
     --skip-missing --label cache=full $SCORE_ARGS
   # Figure 5: temperature
   knnlm score --valid-cache "$OUT/cache/valid" --test-cache "$OUT/cache/test" --out "$RESULTS" \
-    --key-type "$KEY_TYPES" --similarity "$METRICS" --k "$K_MAX" --temperature 0.1:3.0:0.1 --skip-missing \
+    --key-type "$KEY_TYPES" --similarity "$METRICS" --k "$K_MAX" --temperature "$TEMPERATURES" --skip-missing \
     --label cache=full $SCORE_ARGS
   if [ "$EXACT_LIMIT" != 0 ]; then
     # Table 3, Figures 2/4 and 5 on the tokens that also have exact neighbours
     knnlm score --valid-cache "$OUT/cache-exact/valid" --test-cache "$OUT/cache-exact/test" --out "$RESULTS" \
       --key-type "$EXACT_KEY" --similarity "$EXACT_METRIC" --k "$K_MAX" --mask-source faiss,real \
-      --score-source faiss,real --temperature 0.1:3.0:0.1 --skip-missing --label cache=exact $SCORE_ARGS
+      --score-source faiss,real --temperature "$TEMPERATURES" --skip-missing --label cache=exact $SCORE_ARGS
     knnlm score --valid-cache "$OUT/cache-exact/valid" --test-cache "$OUT/cache-exact/test" --out "$RESULTS" \
       --key-type "$EXACT_KEY" --similarity "$EXACT_METRIC" --k "$K_MAX" --mask-source faiss,real \
       --score-source faiss,real --subsample-ratio 0.05,0.1,0.2,0.5,1 --skip-missing --label cache=exact $SCORE_ARGS

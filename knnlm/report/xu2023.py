@@ -100,7 +100,6 @@ FIGURE_TEMPERATURE = FigureSpec(
     series=tuple(Series(label, {"mask_source": m, "score_source": s}) for m, s, label in _MASK_SCORE),
     fixed={k: v for k, v in BASE.items() if k != "temperature"} | {"key_type": "att", "similarity": "l2"},
     expect=("FAISS mask, FAISS score",),
-    logx=False,
 )
 
 #: Appendix A, Table 4: pretrained GPT-2 models fine-tuned on WIKI-103 (``scripts/xu2023_gpt2.sh``)
