@@ -2,21 +2,10 @@
 
 from __future__ import annotations
 
-import platform
 import statistics
-from pathlib import Path
 from typing import Any
 
-
-def cpu_model() -> str:
-    """The CPU's model name, for the results."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from knnlm.models.devices import cpu_model  # noqa: F401  (re-exported for the scripts)
 
 
 def spread(values: list[float], digits: int = 4) -> dict[str, Any]:

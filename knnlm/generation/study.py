@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import platform
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from knnlm.generation.metrics import (
     has_repeated_ngram,
 )
 from knnlm.io import write_text_atomic
+from knnlm.models.devices import cpu_model
 
 logger = logging.getLogger(__name__)
 
@@ -132,16 +132,6 @@ def measure(
     }
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def summarize(args: argparse.Namespace) -> None:
     """Measure every generation file and the human reference; write results.jsonl and table.md."""
     import torch
@@ -177,7 +167,7 @@ def summarize(args: argparse.Namespace) -> None:
         )
         rows.append(row)
     machine = {
-        "cpu": cpu_name(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
         "torch_threads": torch.get_num_threads(),

@@ -1,6 +1,9 @@
-"""The compute device a ``--device`` option names: ``auto``, ``cpu``, ``cuda``, ``cuda:N``."""
+"""The compute device a ``--device`` option names (``auto``, ``cpu``, ``cuda``, ``cuda:N``), and the CPU's name."""
 
 from __future__ import annotations
+
+import platform
+from pathlib import Path
 
 import torch
 
@@ -22,3 +25,14 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise KnnlmError(f"--device {device}: torch sees {torch.cuda.device_count()} GPU(s); use cuda:0 or auto")
     return dev
+
+
+def cpu_model() -> str:
+    """The CPU's model name, for results that report where they were measured."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
