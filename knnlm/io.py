@@ -87,6 +87,17 @@ def dictionary_fingerprint(dictionary: Any) -> str:
     return hashlib.sha256("\n".join(map(str, symbols)).encode("utf-8")).hexdigest()
 
 
+def describe_differences(old: dict[str, Any], new: dict[str, Any], limit: int = 6) -> str:
+    """``key: old -> new`` for the first ``limit`` differing keys (long values cut), for refusal messages."""
+
+    def short(value: Any) -> str:
+        text = repr(value)
+        return text if len(text) <= 24 else text[:20] + "…"
+
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return ", ".join(f"{k}: {short(old.get(k))} -> {short(new.get(k))}" for k in keys[:limit]) or "none"
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically: readers see the old file or the whole new one."""
     path = Path(path)

@@ -202,7 +202,7 @@ def test_retrieve_reuses_its_own_result_and_refuses_to_replace_another(caches, t
     ids = (folder / "ids.npy").read_bytes()
     assert np.load(folder / "ids.npy").dtype == np.int32 and np.load(folder / "vals.npy").dtype == np.int32
     assert dump_retrieval(cfg) == folder  # complete already
-    with pytest.raises(KnnlmError, match="retrieval of other settings.*k 8.*--overwrite"):
+    with pytest.raises(KnnlmError, match="retrieval of other settings.*k: 8 -> 4.*--overwrite"):
         dump_retrieval(RetrievalConfig(**{**cfg.__dict__, "k_max": 4}))
     assert (folder / "ids.npy").read_bytes() == ids and Cache(cache).retrieval(folder.name).info.k_max == 8
     dump_retrieval(RetrievalConfig(**{**cfg.__dict__, "k_max": 4, "overwrite": True}))

@@ -27,7 +27,15 @@ import numpy as np
 
 from knnlm.datastore.meta import DATASTORE_FORMAT, FORMAT_VERSION
 from knnlm.errors import KnnlmError
-from knnlm.io import NpyRowWriter, code_version, fingerprint, read_json, utc_now, write_json_atomic
+from knnlm.io import (
+    NpyRowWriter,
+    code_version,
+    describe_differences,
+    fingerprint,
+    read_json,
+    utc_now,
+    write_json_atomic,
+)
 
 KEYS_FILE = "keys.npy"
 VALS_FILE = "vals.npy"
@@ -299,11 +307,6 @@ class OutputState:
     rows_done: int = 0
 
 
-def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
-    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:6]) or "none"
-
-
 def _clear(path: Path) -> None:
     """Remove a datastore's files, metadata first so the folder reads as incomplete at once."""
     for name in (META_FILE, PROGRESS_FILE, *DATA_FILES):
@@ -327,7 +330,7 @@ def prepare_output(path: Path, meta: dict[str, Any], resume_spec: dict[str, Any]
         if not overwrite:
             raise KnnlmError(
                 f"{path} already holds a complete datastore built with other settings "
-                f"({_differences(old, meta)}); choose another output folder or pass --overwrite"
+                f"({describe_differences(old, meta)}); choose another output folder or pass --overwrite"
             )
         _clear(path)
         return OutputState("new")
@@ -341,7 +344,7 @@ def prepare_output(path: Path, meta: dict[str, Any], resume_spec: dict[str, Any]
         if not overwrite:
             raise KnnlmError(
                 f"{path} holds a half-written build with other settings "
-                f"({_differences(progress.get('resume_spec', {}), resume_spec)}); rerun with the original "
+                f"({describe_differences(progress.get('resume_spec', {}), resume_spec)}); rerun with the original "
                 f"options to resume it, or pass --overwrite to start afresh"
             )
         _clear(path)

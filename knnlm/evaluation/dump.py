@@ -43,7 +43,7 @@ from knnlm.evaluation.cache import (
     write_cache_meta,
     write_json_atomic,
 )
-from knnlm.io import NpyRowWriter, WriterLock, read_progress
+from knnlm.io import NpyRowWriter, WriterLock, describe_differences, read_progress
 from knnlm.models.base_lm import BaseLM, Capture
 from knnlm.models.capture import KEY_TYPES
 from knnlm.models.devices import resolve_device
@@ -113,10 +113,6 @@ def _cache_identity(meta: dict[str, Any]) -> dict[str, Any]:
             "tokens_per_sample": context.get("tokens_per_sample"), "context_window": context.get("context_window")}
 
 
-def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
-    return ", ".join(f"{k} {str(old.get(k))[:16]} (asked: {str(new.get(k))[:16]})" for k in new if old.get(k) != new[k])
-
-
 def _clear_cache(out: Path) -> None:
     """Remove a cache's files (meta.json first, so that no reader sees a half-replaced cache)."""
     import shutil
@@ -173,7 +169,7 @@ def _dump_lm(cfg: LMDumpConfig) -> Path:
             return out
         if not cfg.overwrite:
             raise KnnlmError(
-                f"{out} holds a cache of other inputs ({_differences(_cache_identity(old), identity)}); "
+                f"{out} holds a cache of other inputs ({describe_differences(_cache_identity(old), identity)}); "
                 "pass --overwrite to replace it (its retrievals go too) or choose another --out"
             )
         _clear_cache(out)
@@ -368,7 +364,8 @@ def _dump_retrieval(cfg: RetrievalConfig) -> Path:
             logger.info("%s is complete already", folder)
             return folder
         if not cfg.overwrite:
-            differences = _differences(old.get("spec") or {}, identity) or "made before retrievals recorded them"
+            spec = old.get("spec")
+            differences = describe_differences(spec, identity) if spec else "made before retrievals recorded them"
             raise KnnlmError(
                 f"{folder} holds a retrieval of other settings ({differences}); pass --overwrite to replace it "
                 "(score lines made from it will describe data that is gone) or retrieve into a copy of the cache"
