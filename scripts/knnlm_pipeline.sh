@@ -2,6 +2,8 @@
 # The kNN-LM evaluation pipeline for one trained checkpoint:
 #   datastore of the train split (att, ffn) -> FAISS indexes -> per-token caches of valid/test
 #   -> retrievals (FAISS, FAISS + real score, exact) -> knnlm score -> knnlm report
+# SEARCH=exact leaves out the indexes: every retrieval is an exact search (torch top-k; on the GPU with
+# DEVICE=cuda), scored with mask and score "real".
 # Configured by environment variables; the defaults are the CPU small scale on WikiText-2.
 # The base model is CKPT (a fairseq checkpoint, DATA its data-bin) or HF_MODEL (a Hugging Face causal LM,
 # DATA a folder of raw text splits).
@@ -29,8 +31,19 @@ EXACT_METRIC=${EXACT_METRIC:-l2}
 SCORE_ARGS=${SCORE_ARGS:-}             # extra knnlm score arguments (e.g. --label omega=1)
 # Figure 5's τ sweep: the paper's 0.1-3 range, then on to 100 (keys with ‖r‖² in the hundreds, like an
 # unregularized small model's, are best at τ in the tens)
-TEMPERATURES=${TEMPERATURES:-0.1:3.0:0.1,4,5,7,10,15,20,30,50,100}
+TEMPERATURES=${TEMPERATURES:-0.1:3.0:0.1,4,5,7,10,15,20,30,50,100}   # none: no sweep
 DEVICE=${DEVICE:-auto}
+SEARCH=${SEARCH:-faiss}                # faiss: FAISS indexes; exact: exact neighbours only, no index
+case $SEARCH in
+  faiss) SOURCES='' ;;
+  exact)
+    SOURCES='--mask-source real --score-source real'
+    if [ "$EXACT_LIMIT" != 0 ]; then
+      echo "knnlm_pipeline.sh: EXACT_LIMIT compares FAISS with exact neighbours; SEARCH=exact has no FAISS" >&2
+      exit 2
+    fi ;;
+  *) echo "knnlm_pipeline.sh: SEARCH must be faiss or exact, not '$SEARCH'" >&2; exit 2 ;;
+esac
 mkdir -p "$OUT"
 TIMINGS=$OUT/timings.tsv
 [ -f "$TIMINGS" ] || printf 'step\tseconds\n' > "$TIMINGS"
@@ -43,6 +56,7 @@ timed datastore knnlm datastore build "${BASE_MODEL[@]}" --data "$DATA" --out "$
 
 for kt in ${KEY_TYPES//,/ }; do
   for m in ${METRICS//,/ }; do
+    [ "$SEARCH" = faiss ] || continue
     idx=$OUT/index/$kt.$m.faiss
     mkdir -p "$OUT/index"
     [ -f "$idx.meta.json" ] || timed "index $kt.$m" knnlm index build --datastore "$OUT/datastore/$kt" \
@@ -59,7 +73,11 @@ dump_and_retrieve() {  # cache_root limit with_exact
       --device "$DEVICE" $(limit_flag "$limit")
     for kt in ${KEY_TYPES//,/ }; do
       for m in ${METRICS//,/ }; do
-        if [ "$exact" = 0 ] || { [ "$kt" = "$EXACT_KEY" ] && [ "$m" = "$EXACT_METRIC" ]; }; then
+        if [ "$SEARCH" = exact ]; then
+          [ -f "$root/$split/knn/$kt-$m-real/meta.json" ] || timed "retrieve $root/$split $kt-$m exact" \
+            knnlm eval retrieve --cache "$root/$split" --datastore "$OUT/datastore/$kt" \
+            --similarity "$m" --k-max "$K_MAX" --device "$DEVICE"
+        elif [ "$exact" = 0 ] || { [ "$kt" = "$EXACT_KEY" ] && [ "$m" = "$EXACT_METRIC" ]; }; then
           [ -f "$root/$split/knn/$kt-$m-faiss/meta.json" ] || timed "retrieve $root/$split $kt-$m-faiss" \
             knnlm eval retrieve --cache "$root/$split" --datastore "$OUT/datastore/$kt" \
             --index "$OUT/index/$kt.$m.faiss" --k-max "$K_MAX" --device "$DEVICE"
@@ -87,15 +105,18 @@ rm -f "$RESULTS"
 {
   # Table 1: key type x similarity (FAISS mask and score, k=K_MAX, tau=1, lambda tuned on valid)
   knnlm score --valid-cache "$OUT/cache/valid" --test-cache "$OUT/cache/test" --out "$RESULTS" \
-    --key-type "$KEY_TYPES" --similarity "$METRICS" --k "$K_MAX" --skip-missing --label cache=full $SCORE_ARGS
+    --key-type "$KEY_TYPES" --similarity "$METRICS" --k "$K_MAX" $SOURCES --skip-missing --label cache=full \
+    $SCORE_ARGS
   # the fixed lambda of Ton et al. (0.3) and of Khandelwal et al. (0.25), and the valid split itself
   knnlm score --valid-cache "$OUT/cache/valid" --test-cache "$OUT/cache/test" --out "$RESULTS" \
     --key-type "$KEY_TYPES" --similarity "$METRICS" --k "$K_MAX" --lambda tune,0.25,0.3 --split valid \
-    --skip-missing --label cache=full $SCORE_ARGS
+    $SOURCES --skip-missing --label cache=full $SCORE_ARGS
   # Figure 5: temperature
-  knnlm score --valid-cache "$OUT/cache/valid" --test-cache "$OUT/cache/test" --out "$RESULTS" \
-    --key-type "$KEY_TYPES" --similarity "$METRICS" --k "$K_MAX" --temperature "$TEMPERATURES" --skip-missing \
-    --label cache=full $SCORE_ARGS
+  if [ "$TEMPERATURES" != none ]; then
+    knnlm score --valid-cache "$OUT/cache/valid" --test-cache "$OUT/cache/test" --out "$RESULTS" \
+      --key-type "$KEY_TYPES" --similarity "$METRICS" --k "$K_MAX" --temperature "$TEMPERATURES" $SOURCES \
+      --skip-missing --label cache=full $SCORE_ARGS
+  fi
   if [ "$EXACT_LIMIT" != 0 ]; then
     # Table 3, Figures 2/4 and 5 on the tokens that also have exact neighbours
     knnlm score --valid-cache "$OUT/cache-exact/valid" --test-cache "$OUT/cache-exact/test" --out "$RESULTS" \
@@ -108,7 +129,9 @@ rm -f "$RESULTS"
 } 2>&1 | grep -v "^INFO\|faiss.loader" || true
 # the full caches (Table 1, Figure 5) and the exact-neighbour caches (Table 3, Figures 2/4, 5) are
 # different token sets: one report each
-knnlm report "$RESULTS" --out "$OUT/report" --where labels.cache=full > /dev/null
+# shellcheck disable=SC2046  # exact search: the tables' mask and score are "real" (their default: "faiss")
+knnlm report "$RESULTS" --out "$OUT/report" --where labels.cache=full \
+  $([ "$SEARCH" = faiss ] || echo --where mask_source=real --where score_source=real) > /dev/null
 if [ "$EXACT_LIMIT" != 0 ]; then
   knnlm report "$RESULTS" --out "$OUT/report-exact" --where labels.cache=exact > /dev/null
 fi

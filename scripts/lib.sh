@@ -55,11 +55,13 @@ baevski_auli_args() {  # arch max-update warmup per-gpu-batches: Baevski & Auli 
 set_train_args() {  # recipe: fills TRAIN_ARGS for small | wiki2 | wiki103
   case $1 in
     small)  # CPU-sized; trained one epoch at a time until the validation perplexity plateaus
-            # (see plateaued: MIN_GAIN, PATIENCE), at most EPOCHS (default 60) passes over WikiText-2
+            # (see plateaued: MIN_GAIN, PATIENCE), at most EPOCHS (default 60) passes over WikiText-2;
+            # TRAIN_DEVICE=cuda trains the same recipe on the GPU (scripts/gpu_reproduce.sh)
       TRAIN_ARGS=(--arch knnlm_transformer_lm_small --tokens-per-sample 256 --max-tokens 4096
         --optimizer adam --adam-betas '(0.9,0.98)' --clip-norm 0.1 --lr 0.001
-        --lr-scheduler inverse_sqrt --warmup-updates 500 --warmup-init-lr 1e-07
-        --cpu --num-workers 0) ;;
+        --lr-scheduler inverse_sqrt --warmup-updates 500 --warmup-init-lr 1e-07)
+      [ "${TRAIN_DEVICE:-cpu}" != cpu ] || TRAIN_ARGS+=(--cpu)
+      TRAIN_ARGS+=(--num-workers 0) ;;
     wiki103)  # 286K updates of 8 GPUs x 3 x 3072 tokens (Baevski & Auli 2019; Khandelwal et al. 2020)
       baevski_auli_args knnlm_transformer_lm_wiki103 286000 16000 24 ;;
     wiki2)  # not given by Ton et al.: the same recipe, shortened to WikiText-2's size (3 x 3072 tokens
@@ -70,7 +72,8 @@ set_train_args() {  # recipe: fills TRAIN_ARGS for small | wiki2 | wiki103
 }
 
 train_lm() {  # recipe data save-dir omega seed criterion [fairseq-train options...]: train once, then reuse
-  local recipe=$1 data=$2 dir=$3 omega=$4 seed=$5 criterion=$6 epoch
+  # small recipe: TRAIN_DEADLINE (a `date +%s` time) caps its wall time; how it stopped goes to train.stop
+  local recipe=$1 data=$2 dir=$3 omega=$4 seed=$5 criterion=$6 epoch stop=plateau t0 last=0 rc limit left
   shift 6
   if [ -f "$dir/train.done" ] && [ -f "$dir/checkpoint_best.pt" ]; then
     echo "reusing $dir/checkpoint_best.pt (delete $dir/train.done to train again)"
@@ -89,18 +92,33 @@ train_lm() {  # recipe data save-dir omega seed criterion [fairseq-train options
     # --patience counter starts again at each restart)
     while ! plateaued "$dir/train.log" "${MIN_GAIN:-0.01}" "${PATIENCE:-1}"; do
       epoch=$(valid_ppls "$dir/train.log" | tail -n 1 | cut -d ' ' -f 1)
-      [ "${epoch:-0}" -lt "${EPOCHS:-60}" ] || break
-      "${train[@]}" --max-epoch $((${epoch:-0} + 1)) >> "$dir/train.log" 2>&1 \
-        || { tail -n 20 "$dir/train.log" >&2; die "fairseq-train failed; see $dir/train.log"; }
+      [ "${epoch:-0}" -lt "${EPOCHS:-60}" ] || { stop=epochs; break; }
+      # with a deadline, an epoch starts only if the one before it would still fit, and is cut at it
+      limit=()
+      if [ -n "${TRAIN_DEADLINE:-}" ]; then
+        left=$((TRAIN_DEADLINE - $(date +%s)))
+        [ "$left" -gt "$last" ] || { stop='time'; break; }
+        limit=(timeout --kill-after=10 "$left")
+      fi
+      t0=$(date +%s) rc=0
+      "${limit[@]}" "${train[@]}" --max-epoch $((${epoch:-0} + 1)) >> "$dir/train.log" 2>&1 || rc=$?
+      case $rc in
+        0) ;;
+        124 | 137) stop='time'; echo "epoch $((${epoch:-0} + 1)): cut at TRAIN_DEADLINE"; break ;;
+        *) tail -n 20 "$dir/train.log" >&2; die "fairseq-train failed; see $dir/train.log" ;;
+      esac
+      last=$(($(date +%s) - t0))
       valid_ppls "$dir/train.log" | tail -n 1 | awk '{print "epoch " $1 ": valid ppl " $2}'
     done
+    echo "$stop" > "$dir/train.stop"
   else
     "${train[@]}" >> "$dir/train.log" 2>&1 \
       || { tail -n 20 "$dir/train.log" >&2; die "fairseq-train failed; see $dir/train.log"; }
   fi
   [ -f "$dir/checkpoint_best.pt" ] || die "no $dir/checkpoint_best.pt after training (validation disabled?)"
   grep -F -e '| train |' -e '| valid |' "$dir/train.log" | tail -n 2 || true
-  touch "$dir/train.done"
+  # stopped by the deadline: usable, but a later call goes on training it
+  [ "$stop" = time ] || touch "$dir/train.done"
 }
 
 valid_ppls() {  # fairseq-log: "EPOCH PPL" for each validated epoch (its last report), in epoch order
