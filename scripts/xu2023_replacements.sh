@@ -15,8 +15,13 @@ Needs the output folder of `scripts/xu2023.sh` / `scripts/knnlm_pipeline.sh` for
 (--pipeline DIR: DIR/cache/{valid,test} with att and ffn queries, DIR/datastore/{att,ffn}).
 
 Options:
-  --scale small|paper     training budget of every head (small: UPDATES=180 updates of MAX_TOKENS=2048
-                          tokens on CPU, LR=0.003; paper: EPOCHS=3 passes over the training set on a GPU)
+  --scale small|paper     training of every head (small: on CPU, batches of MAX_TOKENS=2048 tokens,
+                          LR=0.003, validated every VALID_UPDATES=250 updates and stopped once
+                          HEAD_PATIENCE=3 validations in a row bring no lower validation loss (fairseq's
+                          --patience), at most MAX_UPDATES=4000 updates (about 4 epochs); paper: EPOCHS=3
+                          passes over the training set on a GPU, validated after each). Each head is
+                          evaluated from its checkpoint_best.pt (lowest validation loss); <out>/heads.tsv
+                          records its updates, epochs, best update, best valid ppl and what stopped it.
   --pipeline DIR          the base LM's pipeline folder (caches and datastores)
   --checkpoint CKPT       the frozen base LM (the checkpoint DIR's caches were dumped from)
   --data DIR              its data-bin
@@ -33,7 +38,7 @@ Environment (lists are space separated):
   APPENDIX_E    parts of appendix_e, default "interpolated distill topk ensemble overfit"
   SEED2_CKPT    a second LM trained from another seed (needed by the ensemble part)
   OVERFIT_UPDATES  continue the base LM without dropout for this many updates (default: small 500, paper 20000)
-  UPDATES, MAX_TOKENS, LR, EPOCHS   the heads' training budget (see --scale)
+  MAX_TOKENS, LR, VALID_UPDATES, HEAD_PATIENCE, MAX_UPDATES, EPOCHS   the heads' training (see --scale)
 EOF_USAGE
 }
 
@@ -73,7 +78,11 @@ KEYS=${KEYS:-att ffn}
 NS=${NS:-1 2 3 6}
 
 if [ "$SCALE" = small ]; then
-  BUDGET=(--max-update "${UPDATES:-180}" --max-tokens "${MAX_TOKENS:-2048}" --disable-validation --cpu)
+  # until the validation loss stops improving; a checkpoint (checkpoint_best.pt if it is the best) at each validation
+  VALID_UPDATES=${VALID_UPDATES:-250}
+  BUDGET=(--max-tokens "${MAX_TOKENS:-2048}" --validate-interval-updates "$VALID_UPDATES"
+    --save-interval-updates "$VALID_UPDATES" --keep-interval-updates 1 --patience "${HEAD_PATIENCE:-3}"
+    --max-update "${MAX_UPDATES:-4000}" --cpu)
   LR=${LR:-0.003}
   OVERFIT_UPDATES=${OVERFIT_UPDATES:-500}
 else
@@ -96,12 +105,26 @@ train_head() {  # name [fairseq-train options...]: one frozen-base head, trained
     --num-workers 0 --save-dir "$dir" --no-epoch-checkpoints --no-save-optimizer-state \
     --log-format simple --log-interval 10 "${BUDGET[@]}" "$@" >> "$dir/train.log" 2>&1 \
     || { tail -n 20 "$dir/train.log" >&2; die "fairseq-train failed; see $dir/train.log"; }
+  [ -f "$dir/checkpoint_best.pt" ] || die "no $dir/checkpoint_best.pt after training (validation disabled?)"
   touch "$dir/train.done"
+  head_facts "$name" | awk -F '\t' '{print "trained " $2 " updates (" $3 " epochs); best valid ppl " $5 \
+    " at update " $4 "; stopped by " $6}'
 }
 
-head_checkpoint() {  # name: the head's best checkpoint (last when validation is off)
+head_checkpoint() {  # name: the head's best checkpoint (last for a head trained without validation)
   local dir=$RUN_DIR/heads/$1
   if [ -f "$dir/checkpoint_best.pt" ]; then echo "$dir/checkpoint_best.pt"; else echo "$dir/checkpoint_last.pt"; fi
+}
+
+head_facts() {  # name: its heads.tsv row (updates, epochs, best update, best valid ppl, stopped by) from train.log
+  local log=$RUN_DIR/heads/$1/train.log stop=cap
+  if grep -q 'early stop' "$log"; then stop=patience; fi
+  { grep -F '| valid |' "$log" || true; } | awk -F ' [|] ' -v OFS='\t' -v name="$1" -v stop="$stop" '
+    { for (i = 1; i <= NF; i++) { split($i, kv, " "); v[kv[1]] = kv[2] }
+      if (v["num_updates"] + 0 > updates) { updates = v["num_updates"] + 0; epochs = v["epoch"] + 0 }
+      if (best == "" || v["loss"] + 0 < best) { best = v["loss"] + 0; best_update = v["num_updates"] + 0
+                                                ppl = v["ppl"] } }
+    END { if (NR == 0) stop = "no validation"; print name, updates, epochs, best_update, ppl, stop }'
 }
 
 add_component() {  # name [knnlm eval component source options...]: into both caches, once
@@ -235,4 +258,9 @@ mv "$RESULTS.tmp" "$RESULTS"
 cat "$PIPELINE/results.jsonl" "$RESULTS" > "$RUN_DIR/all.jsonl"
 parts=$(knnlm report --list | awk '$1 ~ /^xu2023_(table[256789]|figure[38])$/ { print $1 }' | paste -sd, -)
 knnlm report "$RUN_DIR/all.jsonl" --out "$OUT_DIR" --only "$parts" --where labels.cache=full
-echo "report: $OUT_DIR/report.md"
+# how long each head trained (also the heads of earlier runs)
+printf 'head\tupdates\tepochs\tbest_update\tbest_valid_ppl\tstopped_by\n' > "$OUT_DIR/heads.tsv"
+for dir in "$RUN_DIR"/heads/*/; do
+  if [ -f "$dir/train.done" ]; then head_facts "$(basename "$dir")" >> "$OUT_DIR/heads.tsv"; fi
+done
+echo "report: $OUT_DIR/report.md, heads' training: $OUT_DIR/heads.tsv"

@@ -339,3 +339,18 @@ def test_sharded_build_through_the_joblib_launcher_equals_the_one_shot_build(ful
     merged = merge_datastores([shards / "s0" / "att", shards / "s1" / "att"], tmp_path / "merged")
     assert file_bytes(merged) == file_bytes(full / "att")
     assert Datastore.open(merged).datastore_id == Datastore.open(full / "att").datastore_id
+
+
+def test_a_linked_complete_datastore_is_kept_and_the_other_key_type_built(full, tiny_checkpoint, tiny_data_bin,
+                                                                          tmp_path):
+    """scripts/xu2023.sh links the att datastore of scripts/ton2022.sh and builds att,ffn: att is confirmed
+    (not rewritten through the link), ffn is built, the same bytes as a build of both at once."""
+    out = tmp_path / "xu"
+    out.mkdir()
+    (out / "att").symlink_to(full / "att")
+    att = file_bytes(full / "att")
+    att_meta = (full / "att" / "meta.json").read_text()
+    build_datastore(config(tiny_checkpoint, tiny_data_bin, out, key_types=["att", "ffn"]))
+    assert (out / "att").is_symlink() and file_bytes(full / "att") == att
+    assert (full / "att" / "meta.json").read_text() == att_meta
+    assert file_bytes(out / "ffn") == file_bytes(full / "ffn")

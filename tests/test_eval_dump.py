@@ -223,3 +223,38 @@ def test_retrieve_refuses_a_datastore_of_another_checkpoint(caches, tmp_path):
     folder = dump_retrieval(RetrievalConfig(**{**cfg.__dict__, "allow_other_checkpoint": True}))
     info = Cache(dumped["test"]).retrieval(folder.name).info
     assert info.datastore["other_checkpoint"] is True and info.datastore["checkpoint_sha256"] == "0" * 64
+
+
+def test_a_linked_cache_takes_the_neighbours_of_a_rebuilt_datastore(caches, tiny_checkpoint, tiny_data_bin, tmp_path,
+                                                                     capsys):
+    """Figures 2/4 with a datastore rebuilt from half the training tokens: its neighbours go into a linked
+    cache (the tokens' arrays shared, no LM pass), leaving the full datastore's retrievals where they are."""
+    from knnlm.cli import main as cli_main
+    from knnlm.evaluation.dump import link_cache
+
+    dumped, _, _ = caches
+    (half,) = build_datastore(
+        DatastoreBuildConfig(
+            checkpoint=str(tiny_checkpoint), data=str(tiny_data_bin), out=str(tmp_path / "ds-half"), key_types=["att"],
+            tokens_per_sample=TPS, context_window=CW, max_tokens=256, subsample=0.5, device="cpu",
+        )
+    )
+    before = Cache(dumped["valid"]).retrieval_names
+    linked = {}
+    for split in ("valid", "test"):
+        assert cli_main.main(["eval", "link", "--cache", str(dumped[split]), "--out", str(tmp_path / split)]) == 0
+        linked[split] = tmp_path / split
+        assert (linked[split] / "query_att.npy").is_symlink() and Cache(linked[split]).retrieval_names == []
+        dump_retrieval(RetrievalConfig(cache=str(linked[split]), datastore=str(half), similarity="l2", k_max=8,
+                                       device="cpu"))
+    assert "arrays linked to" in capsys.readouterr().out
+    assert link_cache(dumped["valid"], linked["valid"]) == linked["valid"]  # complete already: kept as it is
+    assert Cache(linked["valid"]).retrieval_names == ["att-l2-real"]
+    assert Cache(dumped["valid"]).retrieval_names == before
+    line = score(Cache(linked["valid"]), Cache(linked["test"]),
+                 ScoreSetting(k=8, mask_source="real", score_source="real"))
+    knobs = line["knobs"]
+    assert knobs["subsample_method"] == "datastore_rebuild" and knobs["datastore_subsample"] == 0.5
+    assert knobs["datastore_fraction"] == 0.5 and knobs["datastore_size"] == Datastore.open(half).num_keys
+    with pytest.raises(KnnlmError, match="cache of other inputs"):
+        link_cache(dumped["test"], linked["valid"])

@@ -144,6 +144,37 @@ def test_figures_are_png_files_with_their_points(results_file, tmp_path):
         assert rendered[name].missing == []
 
 
+def test_figure2_4_draws_rebuilt_datastores_beside_the_score_time_filter(results_file, tmp_path, monkeypatch):
+    """Lines of datastores rebuilt with --subsample (scripts/xu2023.sh) make their own series, sharing the
+    full-datastore point with the score-time filter's; neither takes the other's points."""
+    from knnlm.report import figures
+
+    rebuilt = []
+    for mask in ("faiss", "real"):
+        for frac, size in ((0.1, 100), (0.25, 250)):
+            rebuilt.append(
+                result(
+                    {"interp_ppl": 30 + 1 / frac},
+                    mask_source=mask,
+                    score_source=mask,
+                    subsample_method="datastore_rebuild",
+                    datastore_subsample=frac,
+                    datastore_fraction=frac,
+                    datastore_size=size,
+                    index=None if mask == "real" else {"factory": "IVF8,PQ8", "nprobe": 8},
+                )
+            )
+    write_lines(results_file, rebuilt)
+    drawn = {}
+    monkeypatch.setattr(figures, "_plot", lambda spec, series, *rest: drawn.update({s.label: p for s, p in series}))
+    (figure,) = render_report(load_results([results_file]), tmp_path / "out", names=["xu2023_figure2_4"])
+    assert figure.missing == []
+    assert drawn["FAISS mask, FAISS score (score-time filter)"] == [(0.1, 30.0), (0.5, 22.0), (1.0, 19.17)]
+    assert drawn["FAISS mask, FAISS score (rebuilt datastore)"] == [(0.1, 40.0), (0.25, 34.0), (1.0, 19.17)]
+    assert drawn["real mask, real score (rebuilt datastore)"] == [(0.1, 40.0), (0.25, 34.0), (1.0, 18.5)]
+    assert "FAISS mask, real score (rebuilt datastore)" not in drawn  # a single point: not a line
+
+
 def test_empty_figure_is_not_drawn_and_says_so(tmp_path):
     path = write_lines(tmp_path / "r.jsonl", [result(key_type="ffn")])
     rendered = render_report(load_results([path]), tmp_path / "out", names=["xu2023_figure5"])

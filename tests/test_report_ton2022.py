@@ -151,11 +151,19 @@ printf "$t | train | epoch %03d | loss 7.438 | ppl 173.42 | wps 5000 | train_wal
 printf "$t | valid | epoch %03d | valid on 'valid' subset | loss 7.6 | ppl $ppl | wps 9\\n" "$epoch"
 """
 
+# writes the meta.json by which the scripts know a datastore, index, linked cache or retrieval is complete
 STUB_KNNLM = """#!/usr/bin/env bash
 echo "knnlm $*" >> "$CALLS"
+arg() { local want=$1; shift; while [ $# -gt 1 ]; do [ "$1" = "$want" ] && echo "$2"; shift; done; }
 case "$1 $2" in
   "prepare "*) mkdir -p "$4/$2" && touch "$4/$2/meta.json" "$4/$2/dict.txt" ;;
   "report --list") printf 'ton2022_table table T\\nxu2023_table1 table X\\nxu2023_figure5 figure F\\n' ;;
+  "datastore build") mkdir -p "$(arg --out "$@")/att" && touch "$(arg --out "$@")/att/meta.json" ;;
+  "index build") touch "$(arg --out "$@").meta.json" ;;
+  "eval link") mkdir -p "$(arg --out "$@")" && touch "$(arg --out "$@")/meta.json" ;;
+  "eval retrieve")
+    name=att-l2-faiss; [ -n "$(arg --index "$@")" ] || name=att-l2-real
+    mkdir -p "$(arg --cache "$@")/knn/$name" && touch "$(arg --cache "$@")/knn/$name/meta.json" ;;
 esac
 """
 
@@ -176,7 +184,7 @@ def sandbox(tmp_path) -> Path:
     """A repository-shaped folder: the real scripts, a stub pipeline, and stub commands first on PATH."""
     repo = tmp_path / "repo"
     (repo / "scripts").mkdir(parents=True)
-    for name in ("ton2022.sh", "xu2023.sh", "lib.sh"):
+    for name in ("ton2022.sh", "xu2023.sh", "xu2023_replacements.sh", "lib.sh"):
         shutil.copy(SCRIPTS / name, repo / "scripts" / name)
     _executable(repo / "scripts" / "knnlm_pipeline.sh", STUB_PIPELINE)
     bin_dir = tmp_path / "bin"
@@ -199,12 +207,12 @@ def calls(repo: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
-@pytest.mark.parametrize("script", ["ton2022.sh", "xu2023.sh", "lib.sh"])
+@pytest.mark.parametrize("script", ["ton2022.sh", "xu2023.sh", "xu2023_replacements.sh", "lib.sh"])
 def test_scripts_parse(script):
     subprocess.run(["bash", "-n", str(SCRIPTS / script)], check=True)
 
 
-@pytest.mark.parametrize("script", ["ton2022.sh", "xu2023.sh"])
+@pytest.mark.parametrize("script", ["ton2022.sh", "xu2023.sh", "xu2023_replacements.sh"])
 def test_help_prints_usage_and_runs_nothing(sandbox, script):
     before = sorted(p.name for p in sandbox.parent.rglob("*"))
     proc = run_script(sandbox, f"repo/scripts/{script}", "--help")
@@ -256,8 +264,8 @@ def test_ton2022_small_trains_each_omega_once_and_labels_its_results(sandbox):
     ) in log
     out = sandbox / "results" / "xu2023-small"
     assert log[-1] == (
-        f"knnlm report runs/xu2023-small/results.jsonl --out {out} --only xu2023_table1,xu2023_figure5 "
-        "--where labels.cache=full"
+        f"knnlm report runs/xu2023-small/results.jsonl runs/xu2023-small/subsample/results.jsonl --out {out} "
+        "--only xu2023_table1,xu2023_figure5 --where labels.cache=full"
     )
 
 
@@ -354,3 +362,100 @@ def test_plateaued_is_the_stopping_rule(tmp_path, ppls, gain, patience, stopped)
                               *lines]) + "\n")  # a repeated epoch (an interrupted sitting) counts once, the last
     proc = subprocess.run(["bash", "-c", f"source {SCRIPTS / 'lib.sh'}; plateaued {log} {gain} {patience}"])
     assert (proc.returncode == 0) is stopped
+
+
+def _finished_ton2022_run(repo: Path, test_limit: str = "null") -> Path:
+    """What scripts/ton2022.sh leaves for the ω = 0, seed-1 model: a trained checkpoint and a finished pipeline."""
+    ckpt = repo / "checkpoints/ton2022-small/wikitext-2/w0-s1"
+    ckpt.mkdir(parents=True)
+    (ckpt / "checkpoint_best.pt").touch()
+    (ckpt / "train.done").touch()
+    ton = repo / "runs/ton2022-small/wikitext-2/w0-s1"
+    for folder in ("datastore/att", "index", "cache/valid", "cache/test"):
+        (ton / folder).mkdir(parents=True)
+    (ton / "datastore/att/meta.json").write_text("{}")
+    (ton / "index/att.l2.faiss").touch()
+    (ton / "index/att.l2.faiss.meta.json").write_text("{}")
+    (ton / "cache/valid/meta.json").write_text('{"dump": {"limit_tokens": null}}')
+    (ton / "cache/test/meta.json").write_text(f'{{"dump": {{"limit_tokens": {test_limit}}}}}')
+    return ton
+
+
+def test_xu2023_small_links_what_ton2022_built_and_keeps_its_own_results(sandbox):
+    ton = _finished_ton2022_run(sandbox, test_limit="5000")  # a test cache of other tokens is not linked
+    (sandbox / "runs/xu2023-small/index").mkdir(parents=True)
+    (sandbox / "runs/xu2023-small/index/att.l2.faiss.meta.json").write_text("{}")  # an earlier run's: kept
+    assert run_script(sandbox, "repo/scripts/xu2023.sh", "--scale", "small", SUBSAMPLE_RATIOS="none").returncode == 0
+    run = sandbox / "runs/xu2023-small"
+    for path in ("datastore/att", "index/att.l2.faiss", "cache/valid"):
+        assert (run / path).is_symlink() and (run / path).resolve() == (ton / path).resolve()
+        assert not Path(os.readlink(run / path)).is_absolute()
+    assert not (run / "cache/test").exists() and not (run / "index/att.l2.faiss.meta.json").is_symlink()
+    log = calls(sandbox)
+    assert not [c for c in log if c.startswith("fairseq-train")]
+    # the pipeline runs in its own folder: ton2022's results.jsonl is never written
+    (pipeline,) = [c for c in log if c.startswith("pipeline")]
+    assert "OUT=runs/xu2023-small KEY_TYPES=att,ffn" in pipeline and not (ton / "results.jsonl").exists()
+    assert not [c for c in log if "subsample" in c]  # SUBSAMPLE_RATIOS=none
+    assert log[-1].startswith("knnlm report runs/xu2023-small/results.jsonl --out")
+    # a second run keeps the links as they are
+    assert run_script(sandbox, "repo/scripts/xu2023.sh", "--scale", "small", SUBSAMPLE_RATIOS="none").returncode == 0
+    assert (run / "datastore/att").resolve() == (ton / "datastore/att").resolve()
+
+
+def test_xu2023_rebuilds_subsampled_datastores_once(sandbox):
+    _finished_ton2022_run(sandbox)
+    proc = run_script(sandbox, "repo/scripts/xu2023.sh", "--scale", "small", SUBSAMPLE_RATIOS="0.1 0.5")
+    assert proc.returncode == 0, proc.stderr
+    log = [c for c in calls(sandbox) if "subsample" in c]
+    sub = "runs/xu2023-small/subsample"
+    ckpt = "checkpoints/ton2022-small/wikitext-2/w0-s1/checkpoint_best.pt"
+    assert log[:4] == [
+        f"knnlm datastore build --checkpoint {ckpt} --data data-bin/wikitext-2 --out {sub}/0.1/datastore --split train "
+        "--key-types att --tokens-per-sample 256 --context-window 128 --max-tokens 8192 --subsample 0.1 --device auto",
+        # the IVF lists scale with the datastore: IVF2048 for all training tokens, IVF256 for a tenth
+        f"knnlm index build --datastore {sub}/0.1/datastore/att --out {sub}/0.1/index/att.l2.faiss "
+        "--factory IVF256,PQ32 --metric l2 --train-size 200000 --nprobe 32 --device auto",
+        f"knnlm eval link --cache runs/xu2023-small/cache/valid --out {sub}/0.1/cache/valid",
+        f"knnlm eval retrieve --cache {sub}/0.1/cache/valid --datastore {sub}/0.1/datastore/att "
+        f"--index {sub}/0.1/index/att.l2.faiss --k-max 1024 --device auto",
+    ]
+    # the exact-neighbour tokens (EXACT_LIMIT) get FAISS and exact neighbours from each rebuilt datastore
+    assert (
+        f"knnlm eval retrieve --cache {sub}/0.5/cache-exact/test --datastore {sub}/0.5/datastore/att --similarity l2 "
+        "--k-max 1024 --device auto"
+    ) in log
+    assert "--factory IVF1024,PQ32" in log[log.index(next(c for c in log if "0.5/datastore --split" in c)) + 1]
+    builds = [c for c in log if c.startswith("knnlm datastore build")]
+    retrievals = [c for c in log if c.startswith("knnlm eval retrieve")]
+    links = [c for c in log if c.startswith("knnlm eval link")]
+    assert len(builds) == 2 and len(retrievals) == 2 * (2 + 2 * 2) and len(links) == 2 * 4
+    scores = [c for c in log if c.startswith("knnlm score")]
+    assert scores == [
+        f"knnlm score --valid-cache {sub}/0.1/cache/valid --test-cache {sub}/0.1/cache/test --out {sub}/results.jsonl "
+        "--key-type att --similarity l2 --k 1024 --skip-missing --label cache=full --label dataset=wikitext-2",
+        f"knnlm score --valid-cache {sub}/0.1/cache-exact/valid --test-cache {sub}/0.1/cache-exact/test "
+        f"--out {sub}/results.jsonl --key-type att --similarity l2 --k 1024 --skip-missing --mask-source faiss,real "
+        "--score-source faiss,real --label cache=exact --label dataset=wikitext-2",
+        *[c for c in scores if "/0.5/" in c],
+        # the score-time approximation at the same ratios, on the full caches, beside them
+        "knnlm score --valid-cache runs/xu2023-small/cache/valid --test-cache runs/xu2023-small/cache/test "
+        f"--out {sub}/results.jsonl --key-type att --similarity l2 --k 1024 --subsample-ratio 0.1,0.5 "
+        "--skip-missing --label cache=full --label dataset=wikitext-2",
+    ]
+    assert len(scores) == 5
+    # a rerun finds every step complete (meta.json) and only scores again
+    assert run_script(sandbox, "repo/scripts/xu2023.sh", "--scale", "small", SUBSAMPLE_RATIOS="0.1 0.5").returncode == 0
+    again = [c for c in calls(sandbox) if "subsample" in c][len(log):]
+    assert [c.split(" --")[0] for c in again] == ["knnlm score"] * 5 + ["knnlm report runs/xu2023-small/results.jsonl "
+                                                                         "runs/xu2023-small/subsample/results.jsonl"]
+    bad = run_script(sandbox, "repo/scripts/xu2023.sh", "--scale", "small", SUBSAMPLE_RATIOS="0.1 1")
+    assert bad.returncode == 2 and "must be in (0, 1)" in bad.stderr
+    # SUBSAMPLE_CACHES=cache-exact: a new ratio is searched for the exact-neighbour tokens only
+    before = len(calls(sandbox))
+    ok = run_script(sandbox, "repo/scripts/xu2023.sh", "--scale", "small", SUBSAMPLE_RATIOS="0.25",
+                    SUBSAMPLE_CACHES="cache-exact")
+    assert ok.returncode == 0, ok.stderr
+    rebuilt = ("knnlm eval", f"knnlm score --valid-cache {sub}/")
+    new = [c for c in calls(sandbox)[before:] if c.startswith(rebuilt)]
+    assert new and all("/0.25/cache-exact/" in c for c in new) and len(new) == 2 + 2 * 2 + 1

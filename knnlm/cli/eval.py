@@ -4,6 +4,7 @@
     knnlm eval dump --hf-model gpt2 --data RAW_TEXT_DIR --split valid --out caches/valid
     knnlm eval retrieve --cache caches/valid --datastore ds/att --index ds/att.l2.faiss [--real-score]
     knnlm eval retrieve --cache caches/valid --datastore ds/att --similarity l2      # exact ("real mask")
+    knnlm eval link --cache caches/valid --out caches-r0.1/valid   # the same tokens, for another datastore
     knnlm eval component --cache caches/valid --name att-n3 --checkpoint heads/att-n3.pt --data DATA_BIN
 
 Then ``knnlm score`` reads the caches.
@@ -20,7 +21,14 @@ import numpy as np
 from knnlm.cli.options import add_config_arguments, config_from_args
 from knnlm.datastore.similarity import SIMILARITIES
 from knnlm.errors import KnnlmError
-from knnlm.evaluation.dump import LMDumpConfig, RetrievalConfig, describe_perplexity, dump_lm, dump_retrieval
+from knnlm.evaluation.dump import (
+    LMDumpConfig,
+    RetrievalConfig,
+    describe_perplexity,
+    dump_lm,
+    dump_retrieval,
+    link_cache,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,6 +42,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     retrieve = jobs.add_parser("retrieve", help="top-k neighbours of every cached query in one datastore")
     add_config_arguments(retrieve, RetrievalConfig, choices={"similarity": SIMILARITIES})
     retrieve.set_defaults(func=_retrieve)
+
+    link = jobs.add_parser(
+        "link",
+        help="a cache sharing another's tokens and queries (links), without its retrievals",
+        description="Make --out a cache of the same tokens as --cache: its arrays are relative symbolic links to "
+        "those of --cache, its retrievals and components none. A cache holds one retrieval per key type, "
+        "similarity and sources; neighbours from another datastore of the same keys (e.g. one built with "
+        "--subsample) are retrieved into such a linked cache. Does nothing if --out is one already.",
+    )
+    link.add_argument("--cache", required=True, metavar="DIR", help="the cache whose arrays are shared")
+    link.add_argument("--out", required=True, metavar="DIR", help="the linked cache to write")
+    link.set_defaults(func=_link)
 
     component = jobs.add_parser(
         "component",
@@ -117,3 +137,7 @@ def _write_component(cache, name: str, logprob: np.ndarray, knobs: dict, source:
 def _retrieve(args: argparse.Namespace) -> None:
     folder = dump_retrieval(config_from_args(RetrievalConfig, args))
     print(f"wrote {folder}")
+
+
+def _link(args: argparse.Namespace) -> None:
+    print(f"wrote {link_cache(args.cache, args.out)} (arrays linked to {args.cache})")

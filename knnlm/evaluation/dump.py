@@ -434,6 +434,46 @@ def _register_retrieval(path: Path, cache: Cache, info: RetrievalInfo) -> None:
     )
 
 
+def link_cache(source: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
+    """A cache folder ``out`` that shares ``source``'s per-token arrays (relative symbolic links) but none of its
+    retrievals or components.
+
+    A cache holds one retrieval per key type, similarity and sources, so neighbours from another datastore of
+    the same keys (one built with ``--subsample``, say) go into such a linked cache: no second LM pass, no
+    copy of the queries. Returns at once if ``out`` is already a cache of the same inputs.
+    """
+    src = Cache(source)
+    out = Path(out)
+    with WriterLock.for_folder(out, f"cache {out}"):
+        if (out / "meta.json").exists():
+            old = json.loads((out / "meta.json").read_text())
+            if _cache_identity(old) == _cache_identity(src.meta):
+                logger.info("%s is complete already", out)
+                return out
+            differences = describe_differences(_cache_identity(old), _cache_identity(src.meta))
+            raise KnnlmError(f"{out} holds a cache of other inputs ({differences}); choose another --out")
+        out.mkdir(parents=True, exist_ok=True)
+        for name in CACHE_FILES:
+            target, link = src.path / name, out / name
+            if name == PROGRESS or not target.is_file():
+                continue
+            link.unlink(missing_ok=True)
+            link.symlink_to(os.path.relpath(target.resolve(), out.resolve()))
+        extra = {k: v for k, v in src.meta.items() if k not in ("retrievals", "k_max")}
+        extra["linked_from"] = str(src.path.resolve())
+        write_cache_meta(
+            out,
+            split=src.split,
+            n_tokens=src.n_tokens,
+            dict_size=src.dict_size,
+            checkpoint_fingerprint=src.checkpoint_fingerprint,
+            key_dims=src.meta["key_dims"],
+            retrievals=[],
+            extra_meta=extra,
+        )
+    return out
+
+
 def describe_perplexity(logprobs: np.ndarray, n_words: int | None) -> str:
     """``LM perplexity X per token`` and, where tokens are word pieces, ``, Y per word (W words)``."""
     nll = -float(np.sum(np.asarray(logprobs, dtype=np.float64)))

@@ -86,8 +86,9 @@ FIGURE_FRACTION = FigureSpec(
     fixed={k: v for k, v in BASE.items() if k != "datastore_fraction"} | {"key_type": "att", "similarity": "l2"},
     expect=("FAISS mask, FAISS score", "real mask, real score"),
     note="A score-time filter keeps the cached neighbours whose ids fall in a seeded subset (an "
-    "approximation of a smaller datastore); a rebuilt datastore is the exact one. Each series "
-    "shares the full-datastore point.",
+    "approximation of a smaller datastore); a rebuilt datastore is the real one: built from a seeded "
+    "fraction of the training tokens (`knnlm datastore build --subsample`), with its own index, and "
+    "searched again. Each series shares the full-datastore point.",
 )
 
 FIGURE_TEMPERATURE = FigureSpec(
