@@ -390,6 +390,9 @@ def interpolate(lm_logprob: np.ndarray, knn_logprob: np.ndarray, lam: float) -> 
     return np.logaddexp(lm + math.log1p(-lam), knn + math.log(lam))
 
 
+_MAX_EXP = math.log(np.finfo(np.float64).max)
+
+
 def perplexity(logprobs: np.ndarray) -> Perplexity:
     """exp(-mean log-prob); ``inf`` if any token has log-prob ``-inf`` (counted, not dropped).
 
@@ -404,7 +407,9 @@ def perplexity(logprobs: np.ndarray) -> Perplexity:
     zero = int(np.count_nonzero(lp == -np.inf))
     if zero:
         return Perplexity(math.inf, lp.size, zero)
-    return Perplexity(math.exp(-float(np.mean(lp))), lp.size, 0)
+    nll = -float(np.mean(lp))
+    # tiny but non-zero probabilities (e.g. a very cold kNN distribution) can exceed the float range
+    return Perplexity(math.exp(nll) if nll < _MAX_EXP else math.inf, lp.size, 0)
 
 
 def _mean_nll_curve(lm: np.ndarray, knn: np.ndarray, grid: np.ndarray, chunk: int = 1 << 15) -> np.ndarray:

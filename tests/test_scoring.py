@@ -177,6 +177,9 @@ def test_perplexity_counts_zero_mass_tokens():
     assert inf == scoring.Perplexity(math.inf, 3, 2)
     with pytest.raises(ValueError):
         scoring.perplexity(np.array([np.nan]))
+    # probabilities too small for exp(−mean log p) to be a float: infinite, but no token has zero mass
+    assert scoring.perplexity(np.array([-800.0, -900.0])) == scoring.Perplexity(math.inf, 2, 0)
+    assert scoring.perplexity(np.array([-700.0])).ppl == pytest.approx(math.exp(700.0))
 
 
 def test_tune_lambda_is_the_grid_argmin():

@@ -61,9 +61,9 @@ class TemperatureConfig(KnnKnobs):
     test_caches: list[str | Path] | None = None  # perplexity at the τ and λ chosen on the validation cache
     datastores: list[str | Path] | None = None  # mean ‖k‖² of the keys
     checkpoints: list[str | Path] | None = None  # fairseq checkpoints: LayerNorm gain and fc1 norms
-    tau_min: float = 0.1
+    tau_min: float = 0.001
     tau_max: float = 1000.0
-    tau_points: int = 41  # geometric grid from tau_min to tau_max; τ = 1 is always added
+    tau_points: int = 61  # geometric grid from tau_min to tau_max (10 a decade); τ = 1 is always added
 
 
 def temperature_grid(tau_min: float, tau_max: float, points: int) -> np.ndarray:
