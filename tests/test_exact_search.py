@@ -72,6 +72,17 @@ def test_rescore_equals_float64_and_marks_missing(store, queries, similarity):
     assert np.isneginf(scores[~ok]).all()
 
 
+@pytest.mark.parametrize("similarity", ["ip", "l2"])
+def test_rescore_routes_agree(store, queries, similarity):
+    """fp32 keys in memory (faiss's by-index kernels) and memory-mapped fp16 keys (torch gather) score alike."""
+    ids = np.random.default_rng(3).integers(-1, store.num_keys, (37, 64))
+    in_memory = rescore(queries, ids, np.asarray(store.keys, dtype=np.float32), similarity, device="cpu")
+    mapped = Datastore.open(store.path).keys
+    assert isinstance(mapped, np.memmap) and mapped.dtype == np.float16
+    np.testing.assert_allclose(in_memory, rescore(queries, ids, mapped, similarity, device="cpu"), rtol=1e-6, atol=1e-3)
+    assert np.isneginf(in_memory[ids < 0]).all()
+
+
 def test_exact_topk_accepts_a_bare_key_array(store, queries):
     a = exact_topk(queries, np.asarray(store.keys), 5, "ip", device="cpu")
     b = exact_topk(queries, store, 5, "ip", device="cpu")
