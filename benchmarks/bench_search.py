@@ -331,7 +331,8 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "Ratio = median over repetitions of (torch.mm seconds ÷ exact_topk seconds): the throughput of exact top-k "
         "as a fraction of the matmuls it is made of, with keys already fp32 in memory for the matmul "
-        "(exact_topk reads fp16 chunks from the memory-mapped datastore and converts them).",
+        "(exact_topk holds a datastore's keys as fp32 in memory when that copy fits, as here; otherwise it "
+        "converts fp16 chunks of the memory map).",
         "",
         "| similarity | wall | CPU |",
         "|---|---:|---:|",
