@@ -29,21 +29,11 @@ WHEELS=${WHEELS:-.whl}
 PYTHON=${PYTHON:-python3}
 WORK=${WORK:-/tmp/knnlm-gpu-check}
 
-# the wheel file of each pin: names normalized as wheels spell them (- and . become _)
-missing=0
-wheel_files=()
-while read -r pin; do
-  case $pin in '' | '#'*) continue ;; esac
-  name=${pin%%==*} version=${pin#*==}
-  match=$(compgen -G "$WHEELS/${name//[-.]/_}-$version-*.whl" | head -n 1 || true)
-  if [ -n "$match" ]; then
-    echo "wheel  $pin: $match"
-    wheel_files+=("$match")
-  else
-    echo "wheel  $pin: MISSING from $WHEELS/ (run scripts/fetch_device_wheels.sh where there is network)"
-    missing=1
-  fi
-done < scripts/device_wheels.txt
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+find_device_wheels "$WHEELS"
+missing=$MISSING_WHEELS
+wheel_files=("${WHEEL_FILES[@]}")
 
 steps=(
   "install  $PYTHON -m pip install --no-index --no-deps --target $WORK/site <the wheels above>"

@@ -264,23 +264,6 @@ done
   || usage_error "the budgets must satisfy TRAIN_UNTIL < EVAL_UNTIL <= ANALYSIS_UNTIL < BUDGET"
 
 missing=0
-check_wheels() {  # fills WHEEL_FILES with the wheel of each pin of scripts/device_wheels.txt; missing=1 if any lacks
-  local pin name version match
-  WHEEL_FILES=()
-  while read -r pin; do
-    case $pin in '' | '#'*) continue ;; esac
-    name=${pin%%==*} version=${pin#*==}
-    match=$(compgen -G "$WHEELS/${name//[-.]/_}-$version-*.whl" | head -n 1 || true)
-    if [ -n "$match" ]; then
-      echo "wheel  $pin: $match"
-      WHEEL_FILES+=("$match")
-    else
-      echo "wheel  $pin: MISSING from $WHEELS/ (scripts/fetch_device_wheels.sh fetches it where there is network)"
-      missing=1
-    fi
-  done < scripts/device_wheels.txt
-}
-
 check_data() {  # the data-bin, or the raw text of --from that will be prepared into it; missing=1 if neither
   local f tokens
   if [ -f "$DATA/meta.json" ]; then
@@ -321,7 +304,8 @@ print_plan() {  # the models, the phases with their time budgets (estimates in b
   for f in "${OUTPUTS[@]}"; do echo "output $OUT_DIR/$f"; done
 }
 
-check_wheels
+find_device_wheels "$WHEELS"
+[ "$MISSING_WHEELS" = 0 ] || missing=1
 check_data
 print_plan
 if [ "$DRY" = 1 ]; then

@@ -160,3 +160,21 @@ run_pipeline() {  # checkpoint data out [VAR=VALUE...]: scripts/knnlm_pipeline.s
   step "evaluate $ckpt -> $out"
   env "$@" CKPT="$ckpt" DATA="$data" OUT="$out" bash scripts/knnlm_pipeline.sh
 }
+
+find_device_wheels() {  # wheels-dir: WHEEL_FILES = the wheel of each pin of scripts/device_wheels.txt (names
+  # spelled as wheels spell them: - and . become _); MISSING_WHEELS=1 if one is not there
+  local pin name version match
+  WHEEL_FILES=() MISSING_WHEELS=0
+  while read -r pin; do
+    case $pin in '' | '#'*) continue ;; esac
+    name=${pin%%==*} version=${pin#*==}
+    match=$(compgen -G "$1/${name//[-.]/_}-$version-*.whl" | head -n 1 || true)
+    if [ -n "$match" ]; then
+      echo "wheel  $pin: $match"
+      WHEEL_FILES+=("$match")
+    else
+      echo "wheel  $pin: MISSING from $1/ (scripts/fetch_device_wheels.sh fetches it where there is network)"
+      MISSING_WHEELS=1
+    fi
+  done < scripts/device_wheels.txt
+}

@@ -186,7 +186,9 @@ def _dictionary_options(parser: argparse.ArgumentParser, analysis: str) -> None:
     _add(parser, analysis, "--dict", "dictionary", "fairseq dict.txt (default: DATA_BIN/dict.txt)", metavar="FILE")
 
 
-def _knn_options(parser: argparse.ArgumentParser, analysis: str, with_mask: bool) -> None:
+def _knn_options(
+    parser: argparse.ArgumentParser, analysis: str, with_mask: bool, with_temperature: bool = True
+) -> None:
     if with_mask:
         _add(
             parser, analysis, "--retrieval", "retrieval", "retrieval folder name (overrides the knobs)", metavar="NAME"
@@ -197,7 +199,8 @@ def _knn_options(parser: argparse.ArgumentParser, analysis: str, with_mask: bool
         _add(parser, analysis, "--mask-source", "mask_source", "faiss | real", metavar="SRC")
         _add(parser, analysis, "--score-source", "score_source", "faiss | real", metavar="SRC")
     _add(parser, analysis, "--k", "k", "neighbours kept (<= k_max of the cache)", type=int)
-    _add(parser, analysis, "--temperature", "temperature", "softmax temperature τ", type=float)
+    if with_temperature:
+        _add(parser, analysis, "--temperature", "temperature", "softmax temperature τ", type=float)
 
 
 def _out(parser: argparse.ArgumentParser, analysis: str) -> None:
@@ -310,12 +313,7 @@ def _temperature(parser: argparse.ArgumentParser) -> None:
         action="append",
         metavar="FILE",
     )
-    _add(parser, a, "--retrieval", "retrieval", "retrieval folder name (overrides the knobs)", metavar="NAME")
-    _add(parser, a, "--key-type", "key_type", "att | ffn", metavar="KEY")
-    _add(parser, a, "--similarity", "similarity", "l2 | ip", metavar="SIM")
-    _add(parser, a, "--mask-source", "mask_source", "faiss | real", metavar="SRC")
-    _add(parser, a, "--score-source", "score_source", "faiss | real", metavar="SRC")
-    _add(parser, a, "--k", "k", "neighbours kept (<= k_max of the cache)", type=int)
+    _knn_options(parser, a, with_mask=True, with_temperature=False)  # τ is the swept variable
     _add(parser, a, "--lambda", "lam", "λ: 'tune' (on the validation cache, at each τ) or a number", metavar="L")
     _add(parser, a, "--tau-min", "tau_min", "smallest τ of the geometric grid", type=float)
     _add(parser, a, "--tau-max", "tau_max", "largest τ of the grid", type=float)
