@@ -15,7 +15,7 @@ import argparse
 from knnlm.cli.options import add_config_arguments, config_from_args
 from knnlm.datastore.similarity import SIMILARITIES
 from knnlm.generation.fairseq_lm import GenerateConfig, run_generate
-from knnlm.io import append_jsonl
+from knnlm.io import append_jsonl, portable_paths
 from knnlm.models.capture import KEY_TYPES
 
 
@@ -41,7 +41,7 @@ def _run(args: argparse.Namespace) -> None:
     records = run_generate(cfg)
     for record in records:
         if cfg.out:
-            append_jsonl(cfg.out, record)
+            append_jsonl(cfg.out, portable_paths(record))  # committed and shared: no absolute paths
         else:
             print(f"{record['prompt']}\t{record['continuation']}")
     if cfg.out:
