@@ -9,6 +9,7 @@ import gzip
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,17 @@ def restore_hydra_version_base():
     previous = base.getbase()  # may be hydra's "unspecified" sentinel, which setbase() refuses
     yield
     base.version_base = previous
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models and matmuls: on a shared 2-core box, torch's threads only spin (often ~100x slower).
+
+    Modules ask for it with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

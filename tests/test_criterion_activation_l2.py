@@ -21,9 +21,10 @@ from .test_criterion_support import (
     key_layer_norm,
     make_sample,
     make_task,
-    one_thread,  # noqa: F401  (autouse fixture)
     retained_keys,
 )
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 OMEGA = 0.7
 

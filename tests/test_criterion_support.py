@@ -20,14 +20,7 @@ from torch import Tensor, nn
 import knnlm  # noqa: F401  (registers the criteria)
 from knnlm.models.transformer_lm import KnnTransformerLanguageModel, knnlm_transformer_lm_tiny
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models run ~100x faster on one thread when the machine's cores are oversubscribed."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class LmTask:

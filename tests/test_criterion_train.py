@@ -34,13 +34,13 @@ from knnlm.models.transformer_lm import (
     knnlm_transformer_lm_tiny,
 )
 
-from .test_criterion_support import LmTask, one_thread  # noqa: F401  (autouse fixture)
+from .test_criterion_support import LmTask
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "train"
 USER_DIR = str(ROOT / "knnlm")
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 def run(module: str, args: list[str], cwd: Path | None = None) -> str:

@@ -23,13 +23,7 @@ from knnlm.models.capture import capture_keys
 T, C = 64, 32  # tokens_per_sample, context_window (the tiny checkpoint has 64 positions)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny model's ops are far too small for threads; on a shared 2-core box they only spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def config(ckpt: Path, data: Path, out: Path, **kw) -> DatastoreBuildConfig:

@@ -9,14 +9,7 @@ import torch
 from knnlm.datastore import Datastore, exact_topk, rescore, write_datastore
 from knnlm.errors import KnnlmError
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Small matmuls: threads only spin on a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

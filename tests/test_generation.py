@@ -36,12 +36,7 @@ HIDDEN = 32
 FAMILIES = ("gpt2", "llama", "gpt_neox")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def build_hf_model(family: str) -> torch.nn.Module:

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from knnlm.models.fairseq_lm import output_logprobs
-from tests.test_criterion_support import build_lm, make_sample, make_task, one_thread  # noqa: F401
+from tests.test_criterion_support import build_lm, make_sample, make_task
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize(
