@@ -102,10 +102,13 @@ def continuation_logprobs(
 ) -> list[np.ndarray]:
     """Natural-log p_LM of each continuation token, given ``</s>``, its prompt and the continuation so far.
 
-    ``lm`` is a fairseq LM (its forward and ``get_normalized_probs``); rows are right-padded,
-    which a causal decoder never attends to from the positions that are read.
+    ``lm`` is a fairseq LM; rows are right-padded, which a causal decoder never attends to from
+    the positions that are read. Only the continuation targets are scored
+    (:func:`~knnlm.models.fairseq_lm.output_logprobs`, as the dump does), never the whole vocabulary.
     """
     import torch
+
+    from knnlm.models.fairseq_lm import output_logprobs
 
     out: list[np.ndarray] = []
     for start in range(0, len(prompts), batch_size):
@@ -118,11 +121,13 @@ def continuation_logprobs(
         for i, (p, c) in enumerate(rows):
             sequence = [eos, *p, *c][:-1]  # input i predicts target i: [*p, *c]
             tokens[i, : len(sequence)] = torch.tensor(sequence)
+        row = torch.cat([torch.full((len(c),), i) for i, (_, c) in enumerate(rows)])
+        col = torch.cat([torch.arange(len(p), len(p) + len(c)) for p, c in rows])
+        targets = torch.tensor([t for _, c in rows for t in c], dtype=torch.long)
         with torch.no_grad():
-            lprobs = lm.get_normalized_probs(lm(tokens), log_probs=True).float()
-        for i, (p, c) in enumerate(rows):
-            positions = torch.arange(len(p), len(p) + len(c))
-            out.append(lprobs[i, positions, torch.tensor(c, dtype=torch.long)].double().numpy())
+            output, _ = lm(tokens)
+            scored = output_logprobs(lm.decoder, output[row, col], targets).double().numpy()
+        out.extend(np.split(scored, np.cumsum([len(c) for _, c in rows])[:-1]))
     return out
 
 
