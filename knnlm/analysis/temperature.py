@@ -176,10 +176,11 @@ def _test_ppl(cache: Cache, cfg: TemperatureConfig, settings: dict[str, tuple[fl
     """Test perplexity at each named (τ, λ) chosen on the validation split, and the LM's own."""
     retrieval = open_retrieval(cache, cfg.knobs)
     lm = np.asarray(cache.lm_logprob, dtype=np.float64)
+    taus = [tau for tau, _ in settings.values()]
+    knn = scoring.knn_logprob_grid(retrieval.scores, retrieval.vals, cache.targets, [cfg.k], taus, ids=retrieval.ids)[0]
     out = {"lm": scoring.perplexity(lm).ppl}
-    for name, (tau, lam) in settings.items():
-        knn = scoring.knn_logprob(retrieval.scores, retrieval.vals, cache.targets, cfg.k, tau, ids=retrieval.ids)
-        out[name] = scoring.perplexity(scoring.interpolate(lm, knn, lam)).ppl
+    for (name, (_, lam)), knn_at_tau in zip(settings.items(), knn, strict=True):
+        out[name] = scoring.perplexity(scoring.interpolate(lm, knn_at_tau, lam)).ppl
     return out
 
 
