@@ -95,19 +95,9 @@ def exact_topk(
             best, best_ids = _scan_faiss(q_np, keys, k, similarity, chunk_size)
         else:
             best, best_ids = _scan(q, keys, k, similarity, dev, chunk_size)
-        if similarity == "l2" and _by_index_kernel(keys, dev):
-            # exact −‖q−k‖² of the winners, read straight from the fp32 keys
-            best = torch.from_numpy(_faiss_scores(q_np, keys, best_ids.numpy(), "l2"))
-        elif similarity == "l2":
-            # exact −‖q−k‖² of the winners, a few queries at a time: a [rows·k, D] gather stays small
-            rows = max(1, _RESCORE_ELEMENTS // (k * dim))
-            best = torch.cat(
-                [
-                    _exact_scores(q[r : r + rows], keys, best_ids[r : r + rows], "l2", dev)
-                    for r in range(0, len(q), rows)
-                ]
-            )
         if similarity == "l2":
+            # exact −‖q−k‖² of the winners, from the differences
+            best = torch.from_numpy(_scores_of(q_np, keys, best_ids.cpu().numpy(), "l2", dev)).to(dev)
             best, order = torch.sort(best, dim=1, descending=True)
             best_ids = torch.gather(best_ids, 1, order)
         out_scores[q0 : q0 + len(q)] = best.cpu().numpy()
@@ -227,6 +217,27 @@ def _faiss_scores(q: np.ndarray, keys: np.ndarray, ids: np.ndarray, similarity: 
     return out
 
 
+def _scores_of(
+    q: np.ndarray, keys: np.ndarray, ids: np.ndarray, similarity: Similarity, dev: torch.device,
+    max_elements: int = _RESCORE_ELEMENTS,
+) -> np.ndarray:
+    """Exact scores (float32) of ``ids`` [B, k] for queries ``q`` [B, D]; −inf where an id is −1.
+
+    fp32 keys in memory on the CPU are read in place by faiss's by-index kernels; otherwise
+    rows are gathered with torch a few queries at a time, so that a [rows·k, D] block of at
+    most ``max_elements`` values stays small.
+    """
+    if _by_index_kernel(keys, dev):
+        return _faiss_scores(q, keys, ids, similarity)
+    out = np.empty(ids.shape, dtype=np.float32)
+    step = max(1, max_elements // max(1, ids.shape[1] * keys.shape[1]))
+    for r in range(0, len(q), step):
+        q_t = torch.as_tensor(np.ascontiguousarray(q[r : r + step]), dtype=torch.float32).to(dev)
+        ids_t = torch.from_numpy(np.ascontiguousarray(ids[r : r + step], dtype=np.int64))
+        out[r : r + len(q_t)] = _exact_scores(q_t, keys, ids_t, similarity, dev).cpu().numpy()
+    return out
+
+
 def _exact_scores(
     q: torch.Tensor, keys: np.ndarray, ids: torch.Tensor, similarity: Similarity, dev: torch.device
 ) -> torch.Tensor:
@@ -260,9 +271,9 @@ def rescore(
     This is the "real score" of FAISS neighbours. Ids of −1 (missing
     neighbours) get −inf. Queries are processed in batches of at most
     ``max_elements`` gathered key values (16 MiB of fp32 by default: the block
-    stays in the CPU cache while it is converted and reduced). Keys held in
-    memory (see :meth:`Datastore.load_keys_if_they_fit`) are gathered directly;
-    memory-mapped ones are read in sorted, de-duplicated blocks.
+    stays in the CPU cache while it is converted and reduced). fp32 keys held in
+    memory (see :meth:`Datastore.load_keys_if_they_fit`) are read in place by faiss's
+    by-index kernels; memory-mapped ones are read in sorted, de-duplicated blocks.
     """
     similarity = check_similarity(similarity)
     keys = _keys_of(datastore)
@@ -275,14 +286,7 @@ def rescore(
         raise KnnlmError(f"neighbour ids must be in [-1, {n}); the index does not belong to this datastore")
     dev = resolve_device(device)
     out = np.empty(ids.shape, dtype=np.float32)
-    if _by_index_kernel(keys, dev):
-        for q0 in range(0, len(queries), 1 << 16):
-            rows = slice(q0, q0 + (1 << 16))
-            out[rows] = _faiss_scores(np.asarray(queries[rows]), keys, np.asarray(ids[rows]), similarity)
-        return out
-    step = max(1, max_elements // max(1, ids.shape[1] * dim))
-    for q0 in range(0, len(queries), step):
-        q = torch.as_tensor(np.ascontiguousarray(queries[q0 : q0 + step]), dtype=torch.float32).to(dev)
-        batch_ids = torch.from_numpy(np.ascontiguousarray(ids[q0 : q0 + step], dtype=np.int64))
-        out[q0 : q0 + len(q)] = _exact_scores(q, keys, batch_ids, similarity, dev).cpu().numpy()
+    for q0 in range(0, len(queries), 1 << 16):
+        rows = slice(q0, q0 + (1 << 16))
+        out[rows] = _scores_of(np.asarray(queries[rows]), keys, np.asarray(ids[rows]), similarity, dev, max_elements)
     return out
