@@ -201,13 +201,16 @@ class Datastore:
         chunks nor the gathered rows are converted again for every query batch.
         Larger datastores stay memory-mapped. Returns whether the keys are in memory now.
         """
+        in_memory = not isinstance(self.keys, np.memmap)
+        if in_memory and (dtype is None or self.keys.dtype == dtype):
+            return True  # nothing to do: no look at the free memory on every search call
         budget = available_memory() // 2 if max_bytes is None else max_bytes
         if dtype is not None and self.keys.dtype != dtype:
             converted = self.keys.size * np.dtype(dtype).itemsize
-            if converted <= budget + (0 if isinstance(self.keys, np.memmap) else self.keys.nbytes):
+            if converted <= budget + (self.keys.nbytes if in_memory else 0):
                 self.keys = np.asarray(self.keys, dtype=dtype)
                 return True
-        if not isinstance(self.keys, np.memmap):
+        if in_memory:
             return True
         if self.keys.nbytes > budget:
             return False
