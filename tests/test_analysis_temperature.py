@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from knnlm import scoring
 from knnlm.analysis.temperature import (
     TemperatureConfig,
     curve_of,
@@ -157,3 +158,55 @@ def test_cli_writes_the_figure_table_and_test_numbers(tmp_path, monkeypatch, cap
     argv = ["analyze", "temperature", "--cache", str(valid.path), "--datastore", "a", "--datastore", "b"]
     assert cli_main.main([*argv, "--out", str(out), *knobs]) == 2
     assert "2 --datastore for 1 --cache" in capsys.readouterr().err
+
+
+def _with_lm(cache: Cache, path, lm: np.ndarray) -> Cache:
+    """A copy of ``cache`` (same tokens and neighbours) whose LM gives ``lm`` instead."""
+    r = cache.retrieval("att-l2-real")
+    write_cache(
+        path,
+        split=cache.split,
+        targets=np.asarray(cache.targets),
+        lm_logprob=lm,
+        dict_size=VOCAB,
+        checkpoint_fingerprint="sha256:other",
+        key_dims={"att": DIM},
+        retrievals=[RetrievalArrays(r.info, np.asarray(r.ids), np.asarray(r.scores), np.asarray(r.vals))],
+        query_att=np.load(cache.path / "query_att.npy"),
+    )
+    return Cache(path)
+
+
+def test_shared_lm_mixes_each_models_knn_with_one_lm(tmp_path):
+    """With a shared LM the curve is the brute-force mix of that LM and the model's own kNN distribution."""
+    a = _l2_cache(tmp_path / "a", "valid", scale=1.0)
+    lm_b = np.log(np.random.default_rng(5).uniform(0.01, 0.3, size=N_TOKENS))
+    b = _with_lm(a, tmp_path / "b", lm_b)
+    taus = np.array([0.5, 2.0])
+    cfg = _config(tmp_path, [a.path, b.path], labels=["a", "b"], shared_lm_cache=b.path)
+    own, shared = curve_of("a", a, cfg, taus), curve_of("a", a, cfg, taus, lm=lm_b)
+    assert shared.lm_ppl == pytest.approx(math.exp(-lm_b.mean()))
+    knn_at_2 = scoring.knn_logprob_grid(
+        a.retrieval("att-l2-real").scores, a.retrieval("att-l2-real").vals, a.targets, [K], [2.0]
+    )[0][0]
+    lam = shared.lambdas[1]
+    mixed = np.log((1 - lam) * np.exp(lm_b) + lam * np.exp(knn_at_2))
+    assert shared.ppl[1] == pytest.approx(math.exp(-mixed.mean()), rel=1e-9)
+    assert not np.allclose(shared.ppl, own.ppl)
+    (json_file,) = [f for f in run(cfg) if f.suffix == ".json"]
+    ma, mb = json.loads(json_file.read_text())["models"]
+    assert ma["shared_lm"]["lm"] == "b" and ma["shared_lm"]["lm_ppl"] == pytest.approx(mb["lm_ppl"])
+    # b mixed with itself is b's own curve
+    assert mb["shared_lm"]["tuned"]["ppl"] == pytest.approx(mb["tuned"]["ppl"])
+    header = (tmp_path / "out" / "temperature.csv").read_text().splitlines()[0]
+    assert header.endswith("lambda_shared_lm,ppl_shared_lm")
+
+
+def test_shared_lm_of_other_tokens_is_refused(tmp_path):
+    a = _l2_cache(tmp_path / "a", "valid", scale=1.0)
+    other = _l2_cache(tmp_path / "other", "valid", scale=1.0, seed=3)  # other targets
+    cfg = _config(tmp_path, [a.path], shared_lm_cache=other.path)
+    with pytest.raises(KnnlmError, match="do not hold the same tokens"):
+        run(cfg)
+    with pytest.raises(KnnlmError, match="needs --shared-lm-cache"):
+        run(_config(tmp_path, [a.path], shared_lm_test_cache=other.path))

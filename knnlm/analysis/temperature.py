@@ -17,6 +17,11 @@ that coincide there differ by scale alone). Reading the numbers:
 * ω = 0 at its tuned τ matching ω = 1 at τ = 1 says the τ = 1 gain is reachable by τ;
 * ω = 1 still better than ω = 0 when both use their own tuned τ is a representational
   effect; equal is a temperature effect.
+
+Regularization can change the LM as well as the keys, and a worse LM leaves more for the
+kNN part to win back. ``shared_lm_cache`` separates the two: every model's kNN distribution is
+also interpolated with *one* LM (that cache's ``p_LM`` of the same tokens), so the models then
+differ only in their retrieval.
 """
 
 from __future__ import annotations
@@ -64,6 +69,8 @@ class TemperatureConfig(KnnKnobs):
     tau_min: float = 0.001
     tau_max: float = 1000.0
     tau_points: int = 61  # geometric grid from tau_min to tau_max (10 a decade); τ = 1 is always added
+    shared_lm_cache: str | Path | None = None  # validation cache whose p_LM every model's p_kNN is also mixed with
+    shared_lm_test_cache: str | Path | None = None  # its test cache (with test_caches)
 
 
 def temperature_grid(tau_min: float, tau_max: float, points: int) -> np.ndarray:
@@ -156,10 +163,28 @@ class TemperatureCurve:
         return int(np.argmin(self.ppl))
 
 
-def curve_of(label: str, cache: Cache, cfg: TemperatureConfig, taus: np.ndarray) -> TemperatureCurve:
-    """kNN-LM perplexity of ``cache`` at each τ (one pass over its neighbours for the whole grid)."""
+def shared_lm_logprob(shared: Cache | None, cache: Cache) -> np.ndarray | None:
+    """The shared LM's log-probabilities of ``cache``'s tokens; refused unless both hold the same tokens."""
+    if shared is None:
+        return None
+    if shared.split != cache.split or not np.array_equal(shared.targets, cache.targets):
+        raise KnnlmError(
+            f"--shared-lm-cache {shared.path} ({shared.split}, {shared.n_tokens:,} tokens) and {cache.path} "
+            f"({cache.split}, {cache.n_tokens:,} tokens) do not hold the same tokens; dump both from one split "
+            "with the same window and EVAL_LIMIT"
+        )
+    return np.asarray(shared.lm_logprob, dtype=np.float64)
+
+
+def curve_of(
+    label: str, cache: Cache, cfg: TemperatureConfig, taus: np.ndarray, lm: np.ndarray | None = None
+) -> TemperatureCurve:
+    """kNN-LM perplexity of ``cache`` at each τ (one pass over its neighbours for the whole grid).
+
+    ``lm`` replaces the cache's own ``log p_LM(target)`` (a shared LM; see :func:`shared_lm_logprob`).
+    """
     retrieval = open_retrieval(cache, cfg.knobs)
-    lm = np.asarray(cache.lm_logprob, dtype=np.float64)
+    lm = np.asarray(cache.lm_logprob, dtype=np.float64) if lm is None else lm
     grid = scoring.knn_logprob_grid(
         retrieval.scores, retrieval.vals, cache.targets, [cfg.k], list(taus), ids=retrieval.ids
     )[0]
@@ -172,10 +197,12 @@ def curve_of(label: str, cache: Cache, cfg: TemperatureConfig, taus: np.ndarray)
     return TemperatureCurve(label, taus, lambdas, ppl, knn_ppl, float(covered.mean()), scoring.perplexity(lm).ppl)
 
 
-def _test_ppl(cache: Cache, cfg: TemperatureConfig, settings: dict[str, tuple[float, float]]) -> dict[str, float]:
+def _test_ppl(
+    cache: Cache, cfg: TemperatureConfig, settings: dict[str, tuple[float, float]], lm: np.ndarray | None = None
+) -> dict[str, float]:
     """Test perplexity at each named (τ, λ) chosen on the validation split, and the LM's own."""
     retrieval = open_retrieval(cache, cfg.knobs)
-    lm = np.asarray(cache.lm_logprob, dtype=np.float64)
+    lm = np.asarray(cache.lm_logprob, dtype=np.float64) if lm is None else lm
     taus = [tau for tau, _ in settings.values()]
     knn = scoring.knn_logprob_grid(retrieval.scores, retrieval.vals, cache.targets, [cfg.k], taus, ids=retrieval.ids)[0]
     out = {"lm": scoring.perplexity(lm).ppl}
@@ -192,16 +219,29 @@ def _per_model(option: str, values: list[str | Path] | None, n: int) -> list[str
     return list(values)
 
 
-def plot_curves(curves: list[TemperatureCurve], scales: list[float], path: Path) -> Path:
-    """kNN-LM perplexity against τ (left) and τ / mean‖q‖² (right); ○ τ = 1, ★ the tuned τ."""
+def plot_curves(
+    curves: list[TemperatureCurve],
+    scales: list[float],
+    path: Path,
+    shared: list[TemperatureCurve] | None = None,
+    shared_label: str = "",
+) -> Path:
+    """kNN-LM perplexity against τ (left) and τ / mean‖q‖² (right); ○ τ = 1, ★ the tuned τ.
+
+    ``shared`` curves (each model's kNN with the shared LM) are drawn dashed in the same colour.
+    """
     with paper_style():
         fig, (raw, scaled) = new_figure(2, sharey=True)
-        for colour, curve, scale in zip(PAIR_COLOURS * 4, curves, scales, strict=False):
+        dashed = shared or [None] * len(curves)
+        for colour, curve, extra, scale in zip(PAIR_COLOURS * 4, curves, dashed, scales, strict=False):
             for ax, x in ((raw, curve.taus), (scaled, curve.taus / scale)):
-                ax.plot(x, curve.ppl, color=colour, label=curve.label)
-                one, best = curve.at(1.0), curve.best
-                ax.plot(x[one], curve.ppl[one], "o", color=colour, fillstyle="none")
-                ax.plot(x[best], curve.ppl[best], "*", color=colour, markersize=7)
+                for c, style, label in ((curve, "-", curve.label), (extra, "--", f"{curve.label}, LM {shared_label}")):
+                    if c is None:
+                        continue
+                    ax.plot(x, c.ppl, style, color=colour, label=label)
+                    one, best = c.at(1.0), c.best
+                    ax.plot(x[one], c.ppl[one], "o", color=colour, fillstyle="none")
+                    ax.plot(x[best], c.ppl[best], "*", color=colour, markersize=7)
         for ax in (raw, scaled):
             ax.set_xscale("log")
         raw.set_xlabel("temperature τ")
@@ -227,7 +267,15 @@ def run(cfg: TemperatureConfig) -> list[Path]:
     tests = _per_model("--test-cache", cfg.test_caches, n)
     stores = _per_model("--datastore", cfg.datastores, n)
     checkpoints = _per_model("--checkpoint", cfg.checkpoints, n)
-    models, curves, scales = [], [], []
+    shared = Cache(cfg.shared_lm_cache) if cfg.shared_lm_cache else None
+    shared_test = Cache(cfg.shared_lm_test_cache) if cfg.shared_lm_test_cache else None
+    if shared_test is not None and shared is None:
+        raise KnnlmError("--shared-lm-test-cache needs --shared-lm-cache (the λ and τ are chosen on valid)")
+    shared_label = ""  # the shared LM's model label when it is one of the caches, else its path
+    if shared is not None:
+        same = [lab for lab, c in zip(labels, cfg.caches, strict=True) if Path(c).resolve() == shared.path.resolve()]
+        shared_label = same[0] if same else str(shared.path)
+    models, curves, scales, shared_curves = [], [], [], []
     for label, path, test, store, checkpoint in zip(labels, cfg.caches, tests, stores, checkpoints, strict=True):
         cache = Cache(path)
         if cache.split == "test":
@@ -261,6 +309,27 @@ def run(cfg: TemperatureConfig) -> list[Path]:
                 cfg,
                 {"tau1": (1.0, curve.lambdas[one]), "tuned": (curve.taus[best], curve.lambdas[best])},
             )
+        if shared is not None:
+            with_shared = curve_of(label, cache, cfg, taus, lm=shared_lm_logprob(shared, cache))
+            one_s, best_s = with_shared.at(1.0), with_shared.best
+            entry["shared_lm"] = {
+                "lm": shared_label,
+                "lm_ppl": with_shared.lm_ppl,
+                "tau1": {"ppl": with_shared.ppl[one_s], "lambda": with_shared.lambdas[one_s]},
+                "tuned": {"tau": taus[best_s], "ppl": with_shared.ppl[best_s], "lambda": with_shared.lambdas[best_s]},
+            }
+            if test is not None and shared_test is not None:
+                test_cache = Cache(test)
+                entry["shared_lm"]["test"] = _test_ppl(
+                    test_cache,
+                    cfg,
+                    {
+                        "tau1": (1.0, with_shared.lambdas[one_s]),
+                        "tuned": (taus[best_s], with_shared.lambdas[best_s]),
+                    },
+                    lm=shared_lm_logprob(shared_test, test_cache),
+                )
+            shared_curves.append(with_shared)
         models.append(entry)
         curves.append(curve)
         scales.append(query_sq)
@@ -273,16 +342,19 @@ def run(cfg: TemperatureConfig) -> list[Path]:
             curve.ppl[best],
         )
     out = Path(cfg.out)
+    columns = ["model", "tau", "tau_over_query_sq_norm", "lambda", "ppl", "knn_ppl_covered"]
     rows = [
         [c.label, tau, tau / s, lam, ppl, knn]
         for c, s in zip(curves, scales, strict=True)
         for tau, lam, ppl, knn in zip(c.taus, c.lambdas, c.ppl, c.knn_ppl, strict=True)
     ]
+    if shared_curves:
+        columns += ["lambda_shared_lm", "ppl_shared_lm"]
+        pairs = [(lam, ppl) for c in shared_curves for lam, ppl in zip(c.lambdas, c.ppl, strict=True)]
+        rows = [[*row, *pair] for row, pair in zip(rows, pairs, strict=True)]
     files = [
-        write_csv(
-            out / f"{NAME}.csv", ["model", "tau", "tau_over_query_sq_norm", "lambda", "ppl", "knn_ppl_covered"], rows
-        ),
-        plot_curves(curves, scales, out / f"{NAME}.png"),
+        write_csv(out / f"{NAME}.csv", columns, rows),
+        plot_curves(curves, scales, out / f"{NAME}.png", shared_curves or None, shared_label),
     ]
     summary = {"analysis": NAME, "knobs": cfg.knobs, "taus": taus, "models": models}
     files.append(write_json(out / f"{NAME}.json", summary))

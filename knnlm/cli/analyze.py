@@ -6,7 +6,7 @@
     knnlm analyze position   --cache C [--cache C1 ...] --out OUT
     knnlm analyze stolen     --weights checkpoint.pt [--data-bin D] --out OUT
     knnlm analyze temperature --cache V0 --cache V1 --label 'ω=0' --label 'ω=1' [--test-cache T0 ...]
-                             [--datastore D0 ...] [--checkpoint C0 ...] --out OUT
+                             [--datastore D0 ...] [--checkpoint C0 ...] [--shared-lm-cache V0] --out OUT
 
 Each writes ``OUT/<name>.png``, ``OUT/<name>.csv`` and, last, ``OUT/<name>.json``
 (every setting and summary number). The kNN-LM part uses one retrieval of each
@@ -313,6 +313,15 @@ def _temperature(parser: argparse.ArgumentParser) -> None:
         action="append",
         metavar="FILE",
     )
+    _add(
+        parser,
+        a,
+        "--shared-lm-cache",
+        "shared_lm_cache",
+        "validation cache whose p_LM every model's p_kNN is also mixed with (retrieval alone compared)",
+        metavar="DIR",
+    )
+    _add(parser, a, "--shared-lm-test-cache", "shared_lm_test_cache", "its test cache", metavar="DIR")
     _knn_options(parser, a, with_mask=True, with_temperature=False)  # τ is the swept variable
     _add(parser, a, "--lambda", "lam", "λ: 'tune' (on the validation cache, at each τ) or a number", metavar="L")
     _add(parser, a, "--tau-min", "tau_min", "smallest τ of the geometric grid", type=float)
