@@ -35,6 +35,7 @@ Options:
   --datasets "D ..."    paper scale only: wikitext-2 and/or wikitext-103 (default: both)
   --from DIR|ZIP        offline WikiText copy for `knnlm prepare` (one dataset only)
   --out DIR             report folder (default results/ton2022-<scale>)
+  --report-only         train and evaluate nothing: render the report from the models finished so far
   -h, --help            this text
 
 Every finished model is skipped on a rerun and an interrupted training resumes from its
@@ -52,7 +53,7 @@ EOF
 # shellcheck source=scripts/lib.sh
 source "$(dirname "$0")/lib.sh"
 
-SCALE='' OMEGAS='' SEEDS='' DATASETS='' FROM='' OUT_DIR='' MOCO=''
+SCALE='' OMEGAS='' SEEDS='' DATASETS='' FROM='' OUT_DIR='' MOCO='' REPORT_ONLY=0
 while [ $# -gt 0 ]; do
   case $1 in
     -h | --help) usage; exit 0 ;;
@@ -64,6 +65,7 @@ while [ $# -gt 0 ]; do
     --datasets) need_value "$1" $#; DATASETS=$2; shift 2 ;;
     --from) need_value "$1" $#; FROM=$(abspath "$2"); shift 2 ;;
     --out) need_value "$1" $#; OUT_DIR=$(abspath "$2"); shift 2 ;;
+    --report-only) REPORT_ONLY=1; shift ;;
     *) usage_error "unknown argument '$1'" ;;
   esac
 done
@@ -139,6 +141,7 @@ run_one() {  # dataset criterion omega seed: train (or reuse), evaluate, keep th
 }
 
 for dataset in "${DATASET_LIST[@]}"; do
+  [ "$REPORT_ONLY" = 0 ] || break
   ensure_data "data-bin/$dataset" "$dataset" ${FROM:+--from "$FROM"}
   for model in "${MODELS[@]}"; do
     IFS=: read -r criterion omega seed <<< "$model"
@@ -147,7 +150,7 @@ for dataset in "${DATASET_LIST[@]}"; do
 done
 
 step "report -> $OUT_DIR"
-mkdir -p "$OUT_DIR"
+compgen -G "$OUT_DIR/models/*.jsonl" > /dev/null || die "no finished model in $OUT_DIR/models/ to report on"
 printf 'dataset\tcriterion\tomega\tseed\ttrain_seconds\tbest_epoch\tbest_valid_ppl\ttrain_ppl\n' > "$OUT_DIR/training.tsv"
 cat "$OUT_DIR"/models/*.tsv >> "$OUT_DIR/training.tsv"
 cat "$OUT_DIR"/models/*.jsonl > "$OUT_DIR/results.jsonl"

@@ -269,6 +269,20 @@ def test_ton2022_small_trains_each_omega_once_and_labels_its_results(sandbox):
     )
 
 
+def test_ton2022_report_only_renders_the_finished_models_and_runs_nothing_else(sandbox):
+    proc = run_script(sandbox, "repo/scripts/ton2022.sh", "--scale", "small", "--report-only")
+    assert proc.returncode == 1 and "no finished model in" in proc.stderr and calls(sandbox) == []
+    assert run_script(sandbox, "repo/scripts/ton2022.sh", "--scale", "small", "--omegas", "0").returncode == 0
+    before = len(calls(sandbox))
+    proc = run_script(sandbox, "repo/scripts/ton2022.sh", "--scale", "small", "--report-only")
+    assert proc.returncode == 0, proc.stderr
+    out = sandbox / "results" / "ton2022-small"
+    assert calls(sandbox)[before:] == [
+        f"knnlm report {out}/results.jsonl --out {out} --only ton2022_table,ton2022_figure1"
+    ]
+    assert len((out / "training.tsv").read_text().splitlines()) == 2
+
+
 def test_ton2022_paper_uses_the_wiki103_recipe(sandbox):
     args = (
         "repo/scripts/ton2022.sh",
