@@ -222,10 +222,13 @@ job_temperature() {  # knnlm analyze temperature over the seed-1 models evaluate
     args+=(--cache "$SCRATCH/runs/$name/cache/valid" --test-cache "$SCRATCH/runs/$name/cache/test"
       --datastore "$SCRATCH/runs/$name/datastore/att" --checkpoint "$SCRATCH/checkpoints/$name/checkpoint_best.pt"
       --label "ω=$omega")
+    # every ω's retrieval is also mixed with the ω = 0 LM, so that the LMs' differences drop out
+    [ "$omega" != 0 ] || args+=(--shared-lm-cache "$SCRATCH/runs/$name/cache/valid"
+      --shared-lm-test-cache "$SCRATCH/runs/$name/cache/test")
   done
   [ ${#args[@]} -gt 0 ] || { say "temperature: no seed-1 model was evaluated in time"; exit 1; }
   t0=$(elapsed)
-  say "temperature: knnlm analyze temperature over $((${#args[@]} / 10)) models"
+  say "temperature: knnlm analyze temperature over $(grep -c -- '^--label$' < <(printf '%s\n' "${args[@]}")) models"
   run_until "$ANALYSIS_UNTIL" knnlm analyze temperature "${args[@]}" --mask-source real --score-source real \
     --k "${K_MAX:-1024}" --tau-points "$TAU_POINTS" --out "$SCRATCH/temperature" \
     || { say "temperature: failed or cut at ANALYSIS_UNTIL"; exit 1; }
