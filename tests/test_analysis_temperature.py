@@ -14,6 +14,7 @@ from knnlm.analysis.temperature import (
     TemperatureConfig,
     curve_of,
     mean_squared_norm,
+    query_decomposition,
     run,
     temperature_grid,
     weight_norms,
@@ -210,3 +211,30 @@ def test_shared_lm_of_other_tokens_is_refused(tmp_path):
         run(cfg)
     with pytest.raises(KnnlmError, match="needs --shared-lm-cache"):
         run(_config(tmp_path, [a.path], shared_lm_test_cache=other.path))
+
+
+def test_query_decomposition_undoes_the_layer_norm(tmp_path):
+    """Queries q = g ⊙ LN(x) + b with x a constant vector plus noise: the share is that of x̂'s token mean."""
+    rng = np.random.default_rng(2)
+    d, n = 8, 5000
+    x = 30.0 * rng.normal(size=d) + rng.normal(size=(n, d))
+    xhat = (x - x.mean(1, keepdims=True)) / x.std(1, keepdims=True)
+    gain, bias = rng.uniform(0.2, 1.5, size=d), rng.normal(size=d)
+    queries = (gain * xhat + bias).astype(np.float32)
+    state = {
+        "model": {
+            "decoder.layers.0.fc1.weight": torch.zeros(4, d),
+            "decoder.layers.0.final_layer_norm.weight": torch.tensor(gain),
+            "decoder.layers.0.final_layer_norm.bias": torch.tensor(bias),
+        },
+        "cfg": {"model": {"decoder_normalize_before": True}},
+    }
+    torch.save(state, tmp_path / "m.pt")
+    out = query_decomposition(queries, tmp_path / "m.pt")
+    q = queries.astype(np.float64)
+    mean = q.mean(0)
+    assert out["query_mean_vector_sq_norm"] == pytest.approx(mean @ mean, rel=1e-9)
+    assert out["query_spread"] == pytest.approx(((q - mean) ** 2).sum(1).mean(), rel=1e-6)
+    share = (xhat.mean(0) ** 2).sum() / (xhat**2).sum(1).mean()
+    assert 0.9 < share < 1.0 and out["ln_input_mean_share"] == pytest.approx(share, rel=1e-5)
+    assert set(query_decomposition(queries)) == {"query_mean_vector_sq_norm", "query_spread"}

@@ -7,9 +7,10 @@ of its gain at τ = 1 may be a softer kNN distribution that a tuned τ gives the
 unregularized model too.
 
 For each model this analysis measures the scale of its representations — mean ‖r‖²
-of the datastore keys and of the queries, and the norms of the last layer's weights
-that set it (the LayerNorm gain in front of the FFN, whose output is the ``att`` key,
-and ``fc1`` that reads it) — and the kNN-LM perplexity over a geometric τ grid, λ
+of the datastore keys and of the queries, split into a token-independent part and the
+spread that distances see, and the norms of the last layer's weights that set it (the
+LayerNorm gain in front of the FFN, whose output is the ``att`` key, and ``fc1`` that
+reads it) — and the kNN-LM perplexity over a geometric τ grid, λ
 tuned on the same validation split at every τ. Two panels: perplexity against τ,
 and against τ / mean‖q‖² (the temperature in units of the model's own scale; curves
 that coincide there differ by scale alone). Reading the numbers:
@@ -87,11 +88,7 @@ def temperature_grid(tau_min: float, tau_max: float, points: int) -> np.ndarray:
 
 def mean_squared_norm(rows: np.ndarray) -> float:
     """Mean ‖r‖² over the rows of a (memory-mapped, possibly fp16) [N, D] array, summed in float64."""
-    total = 0.0
-    for start in range(0, len(rows), _CHUNK_ROWS):
-        chunk = np.asarray(rows[start : start + _CHUNK_ROWS], dtype=np.float64)
-        total += float(np.einsum("ij,ij->", chunk, chunk))
-    return total / max(len(rows), 1)
+    return _mean_row(rows)[1]
 
 
 def _model_cfg(state: dict[str, Any]) -> dict[str, Any]:
@@ -104,8 +101,8 @@ def _model_cfg(state: dict[str, Any]) -> dict[str, Any]:
     return dict(model) if isinstance(model, dict) else dict(vars(model))
 
 
-def weight_norms(checkpoint: str | Path) -> dict[str, Any]:
-    """Norms of the last decoder layer's LayerNorm in front of ``fc1`` (whose output is the att key) and of ``fc1``.
+def _last_layer_weights(checkpoint: str | Path) -> tuple[str, str, dict[str, Any]]:
+    """(last decoder layer, its LayerNorm in front of ``fc1``, the state dict) of a fairseq transformer LM.
 
     Pre-norm layers normalize with ``final_layer_norm`` there, post-norm layers with
     ``self_attn_layer_norm`` (see :mod:`knnlm.models.capture`).
@@ -127,7 +124,12 @@ def weight_norms(checkpoint: str | Path) -> dict[str, Any]:
         raise KnnlmError(f"--checkpoint {path}: no decoder.layers.N.fc1.weight; not a fairseq transformer LM")
     last = f"decoder.layers.{max(layers)}"
     pre_norm = bool(_model_cfg(state).get("decoder_normalize_before", True))
-    norm = f"{last}.{'final_layer_norm' if pre_norm else 'self_attn_layer_norm'}"
+    return last, f"{last}.{'final_layer_norm' if pre_norm else 'self_attn_layer_norm'}", weights
+
+
+def weight_norms(checkpoint: str | Path) -> dict[str, Any]:
+    """Norms of the last decoder layer's LayerNorm in front of ``fc1`` (whose output is the att key) and of ``fc1``."""
+    last, norm, weights = _last_layer_weights(checkpoint)
 
     def l2(name: str) -> float | None:
         tensor = weights.get(name)
@@ -141,6 +143,39 @@ def weight_norms(checkpoint: str | Path) -> dict[str, Any]:
         "layer_norm_bias_norm": l2(f"{norm}.bias"),
         "fc1_weight_norm": l2(f"{last}.fc1.weight"),
     }
+
+
+def _mean_row(rows: np.ndarray, transform: Any = None) -> tuple[np.ndarray, float]:
+    """(mean row, mean squared row norm) of ``transform(rows)``, chunked, in float64."""
+    total, sq = np.zeros(rows.shape[1]), 0.0
+    for start in range(0, len(rows), _CHUNK_ROWS):
+        chunk = np.asarray(rows[start : start + _CHUNK_ROWS], dtype=np.float64)
+        chunk = chunk if transform is None else transform(chunk)
+        total += chunk.sum(0)
+        sq += float(np.einsum("ij,ij->", chunk, chunk))
+    n = max(len(rows), 1)
+    return total / n, sq / n
+
+
+def query_decomposition(queries: np.ndarray, checkpoint: str | Path | None = None) -> dict[str, float]:
+    """How the queries' mean ‖q‖² splits into a token-independent part and the spread L2 distances see.
+
+    ``mean‖q‖² = ‖mean q‖² + mean‖q − mean q‖²``; only the second term enters ``‖q − k‖²``.
+    With the checkpoint, the LayerNorm is undone (``x̂ = (q − b) / g``): the share of the normalized
+    input's energy in its token mean says whether keys were shrunk through the gain or by a
+    token-independent vector in the residual stream that the LayerNorm bias cancels.
+    """
+    mean, sq = _mean_row(queries)
+    out = {"query_mean_vector_sq_norm": float(mean @ mean), "query_spread": sq - float(mean @ mean)}
+    if checkpoint is not None:
+        _, norm, weights = _last_layer_weights(checkpoint)
+        gain, bias = weights.get(f"{norm}.weight"), weights.get(f"{norm}.bias")
+        if gain is not None and bias is not None and len(gain) == queries.shape[1]:
+            g, b = gain.double().numpy(), bias.double().numpy()
+            kept = np.abs(g) > 1e-6 * np.abs(g).max()  # a zero gain erases its coordinate
+            x_mean, x_sq = _mean_row(queries, lambda q: (q[:, kept] - b[kept]) / g[kept])
+            out["ln_input_mean_share"] = float(x_mean @ x_mean) / x_sq
+    return out
 
 
 @dataclass
@@ -283,9 +318,11 @@ def run(cfg: TemperatureConfig) -> list[Path]:
         query_file = cache.path / f"query_{cfg.key_type}.npy"
         if not query_file.is_file():
             raise KnnlmError(f"{query_file} is missing: re-run the dump keeping the {cfg.key_type} queries")
-        query_sq = mean_squared_norm(np.load(query_file, mmap_mode="r"))
+        queries = np.load(query_file, mmap_mode="r")
+        query_sq = mean_squared_norm(queries)
         entry: dict[str, Any] = {"label": label, "cache": str(cache.path), "n_tokens": cache.n_tokens}
         entry["mean_query_sq_norm"] = query_sq
+        entry.update(query_decomposition(queries, checkpoint))
         if store is not None:
             ds = Datastore.open(store, key_type=cfg.key_type)
             entry["datastore"] = str(ds.path)
