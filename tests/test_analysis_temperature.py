@@ -13,15 +13,18 @@ from knnlm import scoring
 from knnlm.analysis.temperature import (
     TemperatureConfig,
     curve_of,
+    layer_norm_input_shares,
     mean_squared_norm,
     query_decomposition,
     run,
     temperature_grid,
+    token_mean_share,
     weight_norms,
 )
 from knnlm.cli import main as cli_main
 from knnlm.errors import KnnlmError
 from knnlm.evaluation.cache import Cache, RetrievalArrays, RetrievalInfo, write_cache
+from knnlm.models.fairseq_lm import load_language_model
 
 VOCAB, DIM, N_KEYS, N_TOKENS, K = 12, 5, 60, 80, 16
 
@@ -238,3 +241,32 @@ def test_query_decomposition_undoes_the_layer_norm(tmp_path):
     share = (xhat.mean(0) ** 2).sum() / (xhat**2).sum(1).mean()
     assert 0.9 < share < 1.0 and out["ln_input_mean_share"] == pytest.approx(share, rel=1e-5)
     assert set(query_decomposition(queries)) == {"query_mean_vector_sq_norm", "query_spread"}
+
+
+def test_token_mean_share_against_brute_force():
+    rng = np.random.default_rng(4)
+    noise = rng.normal(size=(400, 6))
+    for rows in (noise, 50.0 * rng.normal(size=6) + noise):
+        xhat = [(r - r.mean()) / r.std() for r in rows]
+        mean = sum(xhat) / len(xhat)
+        expected = float(mean @ mean) / (sum(float(x @ x) for x in xhat) / len(xhat))
+        assert token_mean_share(rows) == pytest.approx(expected, rel=1e-9)
+    assert token_mean_share(noise) < 0.05 and token_mean_share(50.0 * rng.normal(size=6) + noise) > 0.99
+
+
+def test_layer_norm_input_shares_of_a_checkpoint(tiny_checkpoint, tiny_data_bin):
+    """One share per LayerNorm of the decoder; a constant added to every position's input raises the first."""
+    shares = layer_norm_input_shares(tiny_checkpoint, tiny_data_bin, n_tokens=256)
+    model, _ = load_language_model(tiny_checkpoint, tiny_data_bin)
+    names = {n for n, m in model.decoder.named_modules() if isinstance(m, torch.nn.LayerNorm)}
+    assert set(shares) == names and all(0.0 <= v <= 1.0 for v in shares.values())
+    state = torch.load(tiny_checkpoint, weights_only=False)
+    embed = state["model"]["decoder.embed_tokens.weight"]
+    shifted_embed = embed + 100.0 * embed.abs().max() * torch.randn(embed.shape[-1])
+    for name in ("decoder.embed_tokens.weight", "decoder.output_projection.weight"):  # tied: both are loaded
+        if name in state["model"]:
+            state["model"][name] = shifted_embed
+    shifted = tiny_checkpoint.parent / "shifted.pt"
+    torch.save(state, shifted)
+    first = "layers.0.self_attn_layer_norm"  # the first LayerNorm, pre-norm or post-norm: its input holds the embedding
+    assert layer_norm_input_shares(shifted, tiny_data_bin, n_tokens=256)[first] > max(0.9, shares[first])

@@ -72,6 +72,8 @@ class TemperatureConfig(KnnKnobs):
     tau_points: int = 61  # geometric grid from tau_min to tau_max (10 a decade); τ = 1 is always added
     shared_lm_cache: str | Path | None = None  # validation cache whose p_LM every model's p_kNN is also mixed with
     shared_lm_test_cache: str | Path | None = None  # its test cache (with test_caches)
+    data_bin: str | Path | None = None  # with checkpoints: LayerNorm inputs over the first valid tokens
+    probe_tokens: int = 4096
 
 
 def temperature_grid(tau_min: float, tau_max: float, points: int) -> np.ndarray:
@@ -176,6 +178,59 @@ def query_decomposition(queries: np.ndarray, checkpoint: str | Path | None = Non
             x_mean, x_sq = _mean_row(queries, lambda q: (q[:, kept] - b[kept]) / g[kept])
             out["ln_input_mean_share"] = float(x_mean @ x_mean) / x_sq
     return out
+
+
+def token_mean_share(rows: np.ndarray) -> float:
+    """Share of the LayerNorm-normalized rows' energy in their mean over tokens: ``‖mean x̂‖² / mean ‖x̂‖²``.
+
+    0 when the token-dependent variation is all there is; near 1 when every row is one
+    vector plus a small token-dependent rest, which normalization then squashes.
+    """
+    x = np.asarray(rows, dtype=np.float64)
+    centred = x - x.mean(axis=1, keepdims=True)
+    xhat = centred / np.maximum(centred.std(axis=1, keepdims=True), 1e-12)
+    mean = xhat.mean(axis=0)
+    return float(mean @ mean) / float(np.einsum("ij,ij->", xhat, xhat) / len(xhat))
+
+
+def layer_norm_input_shares(checkpoint: str | Path, data_bin: str | Path, n_tokens: int = 4096) -> dict[str, float]:
+    """:func:`token_mean_share` of the input of every LayerNorm of a fairseq LM, over the first valid tokens.
+
+    Run in windows of the checkpoint's ``tokens_per_sample`` (whole windows, at most ``n_tokens``).
+    """
+    import torch
+    from fairseq.data import data_utils
+
+    from knnlm.models.fairseq_lm import load_language_model
+
+    model, task = load_language_model(checkpoint, data_bin)
+    model.eval()
+    dataset = data_utils.load_indexed_dataset(str(Path(data_bin) / "valid"), task.dictionary)
+    if dataset is None:
+        raise KnnlmError(f"--data-bin {data_bin}: no valid split (valid.bin/valid.idx)")
+    window = int(getattr(task.cfg, "tokens_per_sample", 512) or 512)
+    stream, size = [], 0
+    for i in range(len(dataset)):
+        stream.append(dataset[i])
+        size += len(dataset[i])
+        if size >= n_tokens:
+            break
+    tokens = torch.cat(stream)
+    n_windows = max(1, min(len(tokens), n_tokens) // window)
+    tokens = tokens[: n_windows * window].view(n_windows, -1)
+    inputs: dict[str, list[torch.Tensor]] = {}
+    hooks = [
+        module.register_forward_hook(lambda m, i, o, name=name: inputs.setdefault(name, []).append(i[0].detach()))
+        for name, module in model.decoder.named_modules()
+        if isinstance(module, torch.nn.LayerNorm)
+    ]
+    try:
+        with torch.no_grad():
+            model(tokens)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {name: token_mean_share(torch.cat(x).reshape(-1, x[0].shape[-1]).numpy()) for name, x in inputs.items()}
 
 
 @dataclass
@@ -329,6 +384,10 @@ def run(cfg: TemperatureConfig) -> list[Path]:
             entry["mean_key_sq_norm"] = mean_squared_norm(ds.keys)
         if checkpoint is not None:
             entry.update(weight_norms(checkpoint))
+            if cfg.data_bin is not None:
+                entry["layer_norm_input_token_mean_share"] = layer_norm_input_shares(
+                    checkpoint, cfg.data_bin, cfg.probe_tokens
+                )
         curve = curve_of(label, cache, cfg, taus)
         one, best = curve.at(1.0), curve.best
         knn_best = int(np.argmin(curve.knn_ppl))

@@ -322,6 +322,15 @@ def _temperature(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
     )
     _add(parser, a, "--shared-lm-test-cache", "shared_lm_test_cache", "its test cache", metavar="DIR")
+    _add(
+        parser,
+        a,
+        "--data-bin",
+        "data_bin",
+        "with --checkpoint: how much of each LayerNorm's input is one token-independent vector (valid split)",
+        metavar="DIR",
+    )
+    _add(parser, a, "--probe-tokens", "probe_tokens", "valid tokens run for --data-bin", type=int)
     _knn_options(parser, a, with_mask=True, with_temperature=False)  # τ is the swept variable
     _add(parser, a, "--lambda", "lam", "λ: 'tune' (on the validation cache, at each τ) or a number", metavar="L")
     _add(parser, a, "--tau-min", "tau_min", "smallest τ of the geometric grid", type=float)
