@@ -100,7 +100,7 @@ if [ "$MOCO" = 1 ]; then MODELS+=("moco_queue:1:${FIRST_SEED:-1}"); fi
 for omega in $OMEGAS; do [[ $omega =~ ^[0-9]+([.][0-9]+)?$ ]] || usage_error "ω must be a number >= 0, not '$omega'"; done
 for seed in $SEEDS; do [[ $seed =~ ^[0-9]+$ ]] || usage_error "a seed must be an integer, not '$seed'"; done
 cd "$(dirname "$0")/.."
-OUT_DIR=${OUT_DIR:-$PWD/results/ton2022-$SCALE}
+OUT_DIR=${OUT_DIR:-results/ton2022-$SCALE}  # relative to the repository root: reports name no machine path
 
 recipe_of() {  # dataset: the training recipe of set_train_args at this scale
   if [ "$SCALE" = small ]; then echo small; elif [ "$1" = wikitext-2 ]; then echo wiki2; else echo wiki103; fi

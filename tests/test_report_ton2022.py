@@ -245,7 +245,8 @@ def test_ton2022_small_trains_each_omega_once_and_labels_its_results(sandbox):
         "--label criterion=activation_l2 --label train_ppl=173.42"
     )
     out = sandbox / "results" / "ton2022-small"
-    assert log[-1] == f"knnlm report {out}/results.jsonl --out {out} --only ton2022_table,ton2022_figure1"
+    rel = "results/ton2022-small"
+    assert log[-1] == f"knnlm report {rel}/results.jsonl --out {rel} --only ton2022_table,ton2022_figure1"
     assert len((out / "results.jsonl").read_text().splitlines()) == 2
     # one row of training facts per finished model, kept beside its result lines
     rows = (out / "training.tsv").read_text().splitlines()
@@ -278,7 +279,8 @@ def test_ton2022_report_only_renders_the_finished_models_and_runs_nothing_else(s
     assert proc.returncode == 0, proc.stderr
     out = sandbox / "results" / "ton2022-small"
     assert calls(sandbox)[before:] == [
-        f"knnlm report {out}/results.jsonl --out {out} --only ton2022_table,ton2022_figure1"
+        "knnlm report results/ton2022-small/results.jsonl --out results/ton2022-small "
+        "--only ton2022_table,ton2022_figure1"
     ]
     assert len((out / "training.tsv").read_text().splitlines()) == 2
 

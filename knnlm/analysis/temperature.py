@@ -313,7 +313,7 @@ def plot_curves(
     curves: list[TemperatureCurve],
     scales: list[float],
     path: Path,
-    shared: list[TemperatureCurve] | None = None,
+    shared: list[TemperatureCurve | None] | None = None,
     shared_label: str = "",
 ) -> Path:
     """kNN-LM perplexity against τ (left) and τ / mean‖q‖² (right); ○ τ = 1, ★ the tuned τ.
@@ -322,7 +322,7 @@ def plot_curves(
     """
     with paper_style():
         fig, (raw, scaled) = new_figure(2, sharey=True)
-        dashed = shared or [None] * len(curves)
+        dashed: list[TemperatureCurve | None] = list(shared) if shared else [None] * len(curves)
         for colour, curve, extra, scale in zip(PAIR_COLOURS * 4, curves, dashed, scales, strict=False):
             for ax, x in ((raw, curve.taus), (scaled, curve.taus / scale)):
                 for c, style, label in ((curve, "-", curve.label), (extra, "--", f"{curve.label}, LM {shared_label}")):
@@ -430,7 +430,7 @@ def run(cfg: TemperatureConfig) -> list[Path]:
         curves.append(curve)
         scales.append(query_sq)
         logger.info(
-            "%s: mean‖q‖² %.1f, τ=1 %.2f, tuned τ=%.3g %.2f",
+            "%s: mean‖q‖² %.3g, τ=1 %.2f, tuned τ=%.3g %.2f",
             label,
             query_sq,
             entry["tau1"]["ppl"],
@@ -444,13 +444,15 @@ def run(cfg: TemperatureConfig) -> list[Path]:
         for c, s in zip(curves, scales, strict=True)
         for tau, lam, ppl, knn in zip(c.taus, c.lambdas, c.ppl, c.knn_ppl, strict=True)
     ]
+    # the shared LM's own model needs no dashed twin of its curve
+    dashed = [None if c.label == shared_label else c for c in shared_curves]
     if shared_curves:
         columns += ["lambda_shared_lm", "ppl_shared_lm"]
         pairs = [(lam, ppl) for c in shared_curves for lam, ppl in zip(c.lambdas, c.ppl, strict=True)]
         rows = [[*row, *pair] for row, pair in zip(rows, pairs, strict=True)]
     files = [
         write_csv(out / f"{NAME}.csv", columns, rows),
-        plot_curves(curves, scales, out / f"{NAME}.png", shared_curves or None, shared_label),
+        plot_curves(curves, scales, out / f"{NAME}.png", dashed or None, shared_label),
     ]
     summary = {"analysis": NAME, "knobs": cfg.knobs, "taus": taus, "models": models}
     files.append(write_json(out / f"{NAME}.json", summary))
