@@ -43,7 +43,10 @@ checkpoint_last.pt, so the set can be completed over several sittings; the repor
 the models finished so far, and each one's result lines are kept in <out>/models/<name>.jsonl.
 
 Outputs: checkpoints/ton2022-<scale>/<dataset>/<name>/ (train.log, checkpoint_best.pt),
-runs/ton2022-<scale>/<dataset>/<name>/ (pipeline), <out>/results.jsonl, <out>/training.tsv, <out>/report.md.
+runs/ton2022-<scale>/<dataset>/<name>/ (pipeline), <out>/results.jsonl, <out>/training.tsv, <out>/report.md,
+<out>/temperature/ (knnlm analyze temperature over the first seed's models, with the ω = 0 LM shared),
+<out>/analyses/ (Figure 2 and the clustering analysis, ω = 0 vs ω = 1); with two datasets the last
+two folders get a -<dataset> suffix.
 Environment: EPOCHS, PATIENCE, MIN_GAIN, EVAL_LIMIT, GPUS (paper: GPUs per training; default all that nvidia-smi
 lists), WIKI2_MAX_UPDATE/WIKI2_WARMUP (paper WikiText-2 schedule), and the variables of
 scripts/knnlm_pipeline.sh.
@@ -156,3 +159,41 @@ cat "$OUT_DIR"/models/*.tsv >> "$OUT_DIR/training.tsv"
 cat "$OUT_DIR"/models/*.jsonl > "$OUT_DIR/results.jsonl"
 knnlm report "$OUT_DIR/results.jsonl" --out "$OUT_DIR" --only ton2022_table,ton2022_figure1
 echo "report: $OUT_DIR/report.md (table: $OUT_DIR/ton2022_table.md)"
+
+analysis_dir() {  # dataset name: the folder of one analysis of the dataset's models
+  if [ ${#DATASET_LIST[@]} -eq 1 ]; then echo "$OUT_DIR/$2"; else echo "$OUT_DIR/$2-$1"; fi
+}
+
+evaluated() {  # dataset name: true once the model's result lines are kept and its caches are on disk
+  [ -f "$OUT_DIR/models/$1.$2.jsonl" ] && [ -d "runs/ton2022-$SCALE/$1/$2/cache/valid" ] \
+    && [ -d "runs/ton2022-$SCALE/$1/$2/cache/test" ]
+}
+
+run_analyses() {  # dataset: the ω/τ question over the first seed's models; Figure 2 and clustering, ω = 0 vs 1
+  local dataset=$1 seed=${FIRST_SEED:-1} model criterion omega s name args=() n=0
+  local runs=runs/ton2022-$SCALE/$1 ckpts=checkpoints/ton2022-$SCALE/$1
+  for model in "${MODELS[@]}"; do
+    IFS=: read -r criterion omega s <<< "$model"
+    [ "$criterion" = activation_l2 ] && [ "$s" = "$seed" ] || continue
+    name=w$omega-s$seed
+    evaluated "$dataset" "$name" || continue
+    args+=(--cache "$runs/$name/cache/valid" --test-cache "$runs/$name/cache/test"
+      --datastore "$runs/$name/datastore/att" --checkpoint "$ckpts/$name/checkpoint_best.pt" --label "ω=$omega")
+    n=$((n + 1))
+  done
+  [ "$n" -gt 0 ] || { echo "no evaluated seed-$seed model with its caches: no ω/τ analysis"; return 0; }
+  # every model's retrieval is also mixed with the ω = 0 LM, so that the LMs' differences drop out
+  if evaluated "$dataset" "w0-s$seed"; then
+    args+=(--shared-lm-cache "$runs/w0-s$seed/cache/valid" --shared-lm-test-cache "$runs/w0-s$seed/cache/test")
+  fi
+  step "the ω/τ question over $n models -> $(analysis_dir "$dataset" temperature)"
+  knnlm analyze temperature "${args[@]}" --data-bin "data-bin/$dataset" --out "$(analysis_dir "$dataset" temperature)"
+  evaluated "$dataset" "w0-s$seed" && evaluated "$dataset" "w1-s$seed" || return 0
+  step "Figure 2 and the clustering analysis, ω = 0 vs ω = 1 -> $(analysis_dir "$dataset" analyses)"
+  local pair=(--cache "$runs/w0-s$seed/cache/valid" --cache "$runs/w1-s$seed/cache/valid" --label 'ω=0' --label 'ω=1'
+    --data-bin "data-bin/$dataset" --lambda 0.3 --out "$(analysis_dir "$dataset" analyses)")
+  knnlm analyze frequency "${pair[@]}"
+  knnlm analyze clustering "${pair[@]}"
+}
+
+for dataset in "${DATASET_LIST[@]}"; do run_analyses "$dataset"; done

@@ -285,6 +285,34 @@ def test_ton2022_report_only_renders_the_finished_models_and_runs_nothing_else(s
     assert len((out / "training.tsv").read_text().splitlines()) == 2
 
 
+def test_ton2022_runs_the_omega_tau_question_over_the_evaluated_first_seed_models(sandbox):
+    assert run_script(sandbox, "repo/scripts/ton2022.sh", "--scale", "small", "--omegas", "0 1 10").returncode == 0
+    # the stub pipeline leaves no caches: nothing to analyse yet
+    assert not [c for c in calls(sandbox) if c.startswith("knnlm analyze")]
+    runs = sandbox / "runs" / "ton2022-small" / "wikitext-2"
+    for name in ("w0-s1", "w1-s1"):  # ω = 10 stays without caches (e.g. deleted to save disk)
+        for split in ("valid", "test"):
+            (runs / name / "cache" / split).mkdir(parents=True)
+    before = len(calls(sandbox))
+    proc = run_script(sandbox, "repo/scripts/ton2022.sh", "--scale", "small", "--omegas", "0 1 10", "--report-only")
+    assert proc.returncode == 0, proc.stderr
+    r, c = "runs/ton2022-small/wikitext-2", "checkpoints/ton2022-small/wikitext-2"
+    models = " ".join(
+        f"--cache {r}/{n}/cache/valid --test-cache {r}/{n}/cache/test --datastore {r}/{n}/datastore/att "
+        f"--checkpoint {c}/{n}/checkpoint_best.pt --label ω={w}"
+        for n, w in (("w0-s1", 0), ("w1-s1", 1))
+    )
+    pair = (f"--cache {r}/w0-s1/cache/valid --cache {r}/w1-s1/cache/valid --label ω=0 --label ω=1 "
+            "--data-bin data-bin/wikitext-2 --lambda 0.3 --out results/ton2022-small/analyses")
+    assert calls(sandbox)[before + 1 :] == [
+        f"knnlm analyze temperature {models} --shared-lm-cache {r}/w0-s1/cache/valid "
+        f"--shared-lm-test-cache {r}/w0-s1/cache/test --data-bin data-bin/wikitext-2 "
+        "--out results/ton2022-small/temperature",
+        f"knnlm analyze frequency {pair}",
+        f"knnlm analyze clustering {pair}",
+    ]
+
+
 def test_ton2022_paper_uses_the_wiki103_recipe(sandbox):
     args = (
         "repo/scripts/ton2022.sh",
