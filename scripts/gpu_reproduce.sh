@@ -230,7 +230,7 @@ job_temperature() {  # knnlm analyze temperature over the seed-1 models evaluate
   t0=$(elapsed)
   say "temperature: knnlm analyze temperature over $(grep -c -- '^--label$' < <(printf '%s\n' "${args[@]}")) models"
   run_until "$ANALYSIS_UNTIL" knnlm analyze temperature "${args[@]}" --mask-source real --score-source real \
-    --k "${K_MAX:-1024}" --tau-points "$TAU_POINTS" --out "$SCRATCH/temperature" \
+    --k "${K_MAX:-1024}" --tau-points "$TAU_POINTS" --data-bin "$DATA" --out "$SCRATCH/temperature" \
     || { say "temperature: failed or cut at ANALYSIS_UNTIL"; exit 1; }
   printf 'temperature\tanalyze\t%s\t%s\n' "$t0" $(($(elapsed) - t0)) >> "$STATE/temperature.timings"
   say "temperature: done"

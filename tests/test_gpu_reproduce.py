@@ -247,7 +247,7 @@ def test_a_stubbed_run_writes_at_most_8_files(sandbox):
     assert all("TEMPERATURES=none" in c for c in xu)
     analysis = [c for c in log if "analyze temperature" in c]
     assert len(analysis) == 1 and analysis[0].count("--cache") == 1  # w0-s1 only: the other seed-1 model is moco
-    assert "--mask-source real --score-source real" in analysis[0]
+    assert "--mask-source real --score-source real" in analysis[0] and "--data-bin " in analysis[0]
     assert re.search(r"--shared-lm-cache \S*/runs/w0-s1/cache/valid --shared-lm-test-cache \S*/runs/w0-s1/cache/test",
                      analysis[0])
     reports = [c for c in log if "knnlm.cli.main report" in c]
