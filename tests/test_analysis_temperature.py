@@ -11,6 +11,7 @@ import torch
 
 from knnlm import scoring
 from knnlm.analysis.temperature import (
+    LastLayer,
     TemperatureConfig,
     curve_of,
     layer_norm_input_shares,
@@ -233,7 +234,7 @@ def test_query_decomposition_undoes_the_layer_norm(tmp_path):
         "cfg": {"model": {"decoder_normalize_before": True}},
     }
     torch.save(state, tmp_path / "m.pt")
-    out = query_decomposition(queries, tmp_path / "m.pt")
+    out = query_decomposition(queries, LastLayer.load(tmp_path / "m.pt"))
     q = queries.astype(np.float64)
     mean = q.mean(0)
     assert out["query_mean_vector_sq_norm"] == pytest.approx(mean @ mean, rel=1e-9)

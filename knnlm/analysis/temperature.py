@@ -103,48 +103,61 @@ def _model_cfg(state: dict[str, Any]) -> dict[str, Any]:
     return dict(model) if isinstance(model, dict) else dict(vars(model))
 
 
-def _last_layer_weights(checkpoint: str | Path) -> tuple[str, str, dict[str, Any]]:
-    """(last decoder layer, its LayerNorm in front of ``fc1``, the state dict) of a fairseq transformer LM.
+@dataclass(frozen=True)
+class LastLayer:
+    """The last decoder layer of a fairseq transformer LM checkpoint, read once for every statistic of it.
 
-    Pre-norm layers normalize with ``final_layer_norm`` there, post-norm layers with
-    ``self_attn_layer_norm`` (see :mod:`knnlm.models.capture`).
+    ``norm`` is its LayerNorm in front of ``fc1`` (whose output is the att key): pre-norm layers
+    normalize with ``final_layer_norm`` there, post-norm layers with ``self_attn_layer_norm``
+    (see :mod:`knnlm.models.capture`).
     """
-    import torch
 
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise KnnlmError(f"--checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # a pickle of anything else fails in many ways
-        raise KnnlmError(f"--checkpoint {path} is not a readable fairseq checkpoint ({err})") from None
-    weights = state.get("model") if isinstance(state, dict) else None
-    if not isinstance(weights, dict):
-        raise KnnlmError(f"--checkpoint {path} has no 'model' state dict; pass a fairseq checkpoint")
-    layers = [int(m.group(1)) for name in weights if (m := re.match(r"decoder\.layers\.(\d+)\.fc1\.weight$", name))]
-    if not layers:
-        raise KnnlmError(f"--checkpoint {path}: no decoder.layers.N.fc1.weight; not a fairseq transformer LM")
-    last = f"decoder.layers.{max(layers)}"
-    pre_norm = bool(_model_cfg(state).get("decoder_normalize_before", True))
-    return last, f"{last}.{'final_layer_norm' if pre_norm else 'self_attn_layer_norm'}", weights
+    name: str
+    norm: str
+    weights: dict[str, Any]
+
+    @classmethod
+    def load(cls, checkpoint: str | Path) -> LastLayer:
+        import torch
+
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise KnnlmError(f"--checkpoint {path} does not exist")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:  # a pickle of anything else fails in many ways
+            raise KnnlmError(f"--checkpoint {path} is not a readable fairseq checkpoint ({err})") from None
+        weights = state.get("model") if isinstance(state, dict) else None
+        if not isinstance(weights, dict):
+            raise KnnlmError(f"--checkpoint {path} has no 'model' state dict; pass a fairseq checkpoint")
+        pattern = r"decoder\.layers\.(\d+)\.fc1\.weight$"
+        layers = [int(m.group(1)) for name in weights if (m := re.match(pattern, name))]
+        if not layers:
+            raise KnnlmError(f"--checkpoint {path}: no decoder.layers.N.fc1.weight; not a fairseq transformer LM")
+        last = f"decoder.layers.{max(layers)}"
+        pre_norm = bool(_model_cfg(state).get("decoder_normalize_before", True))
+        return cls(last, f"{last}.{'final_layer_norm' if pre_norm else 'self_attn_layer_norm'}", weights)
+
+    def norms(self) -> dict[str, Any]:
+        """Norms of the LayerNorm in front of ``fc1`` and of ``fc1``."""
+
+        def l2(name: str) -> float | None:
+            tensor = self.weights.get(name)
+            return None if tensor is None else float(tensor.double().norm())
+
+        gain = self.weights.get(f"{self.norm}.weight")
+        return {
+            "layer_norm": self.norm,
+            "layer_norm_gain_norm": l2(f"{self.norm}.weight"),
+            "layer_norm_gain_mean_abs": None if gain is None else float(gain.double().abs().mean()),
+            "layer_norm_bias_norm": l2(f"{self.norm}.bias"),
+            "fc1_weight_norm": l2(f"{self.name}.fc1.weight"),
+        }
 
 
 def weight_norms(checkpoint: str | Path) -> dict[str, Any]:
     """Norms of the last decoder layer's LayerNorm in front of ``fc1`` (whose output is the att key) and of ``fc1``."""
-    last, norm, weights = _last_layer_weights(checkpoint)
-
-    def l2(name: str) -> float | None:
-        tensor = weights.get(name)
-        return None if tensor is None else float(tensor.double().norm())
-
-    gain = weights.get(f"{norm}.weight")
-    return {
-        "layer_norm": norm,
-        "layer_norm_gain_norm": l2(f"{norm}.weight"),
-        "layer_norm_gain_mean_abs": None if gain is None else float(gain.double().abs().mean()),
-        "layer_norm_bias_norm": l2(f"{norm}.bias"),
-        "fc1_weight_norm": l2(f"{last}.fc1.weight"),
-    }
+    return LastLayer.load(checkpoint).norms()
 
 
 def _mean_row(rows: np.ndarray, transform: Any = None) -> tuple[np.ndarray, float]:
@@ -159,19 +172,18 @@ def _mean_row(rows: np.ndarray, transform: Any = None) -> tuple[np.ndarray, floa
     return total / n, sq / n
 
 
-def query_decomposition(queries: np.ndarray, checkpoint: str | Path | None = None) -> dict[str, float]:
+def query_decomposition(queries: np.ndarray, layer: LastLayer | None = None) -> dict[str, float]:
     """How the queries' mean ‖q‖² splits into a token-independent part and the spread L2 distances see.
 
     ``mean‖q‖² = ‖mean q‖² + mean‖q − mean q‖²``; only the second term enters ``‖q − k‖²``.
-    With the checkpoint, the LayerNorm is undone (``x̂ = (q − b) / g``): the share of the normalized
+    With the model's last layer, the LayerNorm is undone (``x̂ = (q − b) / g``): the share of the normalized
     input's energy in its token mean says whether keys were shrunk through the gain or by a
     token-independent vector in the residual stream that the LayerNorm bias cancels.
     """
     mean, sq = _mean_row(queries)
     out = {"query_mean_vector_sq_norm": float(mean @ mean), "query_spread": sq - float(mean @ mean)}
-    if checkpoint is not None:
-        _, norm, weights = _last_layer_weights(checkpoint)
-        gain, bias = weights.get(f"{norm}.weight"), weights.get(f"{norm}.bias")
+    if layer is not None:
+        gain, bias = layer.weights.get(f"{layer.norm}.weight"), layer.weights.get(f"{layer.norm}.bias")
         if gain is not None and bias is not None and len(gain) == queries.shape[1]:
             g, b = gain.double().numpy(), bias.double().numpy()
             kept = np.abs(g) > 1e-6 * np.abs(g).max()  # a zero gain erases its coordinate
@@ -253,10 +265,8 @@ class TemperatureCurve:
         return int(np.argmin(self.ppl))
 
 
-def shared_lm_logprob(shared: Cache | None, cache: Cache) -> np.ndarray | None:
+def shared_lm_logprob(shared: Cache, cache: Cache) -> np.ndarray:
     """The shared LM's log-probabilities of ``cache``'s tokens; refused unless both hold the same tokens."""
-    if shared is None:
-        return None
     if shared.split != cache.split or not np.array_equal(shared.targets, cache.targets):
         raise KnnlmError(
             f"--shared-lm-cache {shared.path} ({shared.split}, {shared.n_tokens:,} tokens) and {cache.path} "
@@ -373,17 +383,17 @@ def run(cfg: TemperatureConfig) -> list[Path]:
         query_file = cache.path / f"query_{cfg.key_type}.npy"
         if not query_file.is_file():
             raise KnnlmError(f"{query_file} is missing: re-run the dump keeping the {cfg.key_type} queries")
-        queries = np.load(query_file, mmap_mode="r")
-        query_sq = mean_squared_norm(queries)
+        layer = LastLayer.load(checkpoint) if checkpoint is not None else None
         entry: dict[str, Any] = {"label": label, "cache": str(cache.path), "n_tokens": cache.n_tokens}
+        entry.update(query_decomposition(np.load(query_file, mmap_mode="r"), layer))
+        query_sq = entry["query_mean_vector_sq_norm"] + entry["query_spread"]  # one pass over the queries
         entry["mean_query_sq_norm"] = query_sq
-        entry.update(query_decomposition(queries, checkpoint))
         if store is not None:
             ds = Datastore.open(store, key_type=cfg.key_type)
             entry["datastore"] = str(ds.path)
             entry["mean_key_sq_norm"] = mean_squared_norm(ds.keys)
-        if checkpoint is not None:
-            entry.update(weight_norms(checkpoint))
+        if layer is not None:
+            entry.update(layer.norms())
             if cfg.data_bin is not None:
                 entry["layer_norm_input_token_mean_share"] = layer_norm_input_shares(
                     checkpoint, cfg.data_bin, cfg.probe_tokens
