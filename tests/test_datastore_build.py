@@ -169,6 +169,27 @@ def test_interrupted_build_resumes_byte_identical(full, tiny_checkpoint, tiny_da
         assert Datastore.open(tmp_path / kt).datastore_id == Datastore.open(full / kt).datastore_id
 
 
+def test_build_stopped_before_its_first_chunk_starts_over(full, tiny_checkpoint, tiny_data_bin, tmp_path, monkeypatch):
+    """Stopped while the first batch runs: the preallocated files are claimed, not of unknown origin."""
+    from knnlm.datastore import build as build_module
+
+    def stopped(*args, **kwargs):
+        raise Interrupt
+
+    cfg = config(tiny_checkpoint, tiny_data_bin, tmp_path)
+    with monkeypatch.context() as patch:
+        patch.setattr(build_module, "_batch", stopped)
+        with pytest.raises(Interrupt):
+            build_datastore(cfg)
+    for kt in ("att", "ffn"):
+        assert (tmp_path / kt / "keys.npy").exists()
+        assert json.loads((tmp_path / kt / "progress.json").read_text())["next_unit"] is None
+    build_datastore(cfg)
+    for kt in ("att", "ffn"):
+        assert file_bytes(tmp_path / kt) == file_bytes(full / kt)
+        assert not (tmp_path / kt / "progress.json").exists()
+
+
 def test_subsample_keeps_a_seeded_subset_of_the_same_keys(full, tiny_checkpoint, tiny_data_bin, tmp_path):
     build_datastore(config(tiny_checkpoint, tiny_data_bin, tmp_path, subsample=0.3, seed=5, key_types=["ffn"]))
     whole, part = Datastore.open(full / "ffn"), Datastore.open(tmp_path / "ffn")

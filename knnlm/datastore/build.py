@@ -256,7 +256,9 @@ def _run(
     start = min(t.state.next_unit if t.state.status == "resume" else batches.start for t in targets)
     start = max(start, batches.start)
     for t in targets:
-        t.writer = ChunkWriter(t.path, t.meta["num_keys"], t.meta["key_dim"], t.state, positions)
+        t.writer = ChunkWriter(
+            t.path, t.meta["num_keys"], t.meta["key_dim"], t.state, _resume_spec(t.meta), positions
+        )
     done_tokens = plan.batch_targets(start)[0] - first_pos if start < batches.stop else end_pos - first_pos
     bar = tqdm(
         total=end_pos - first_pos,

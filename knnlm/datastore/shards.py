@@ -118,7 +118,7 @@ def merge_datastores(
     offsets = np.cumsum([0] + [s.num_keys for s in shards])
     start = state.next_unit if state.status == "resume" else 0
     with (
-        ChunkWriter(out, meta["num_keys"], meta["key_dim"], state, positions) as writer,
+        ChunkWriter(out, meta["num_keys"], meta["key_dim"], state, spec, positions) as writer,
         tqdm(total=meta["num_keys"], initial=start, unit="key", unit_scale=True, desc="merge", disable=None) as bar,
     ):
         for row in range(start, meta["num_keys"], chunk_rows):

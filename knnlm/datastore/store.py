@@ -340,6 +340,9 @@ def prepare_output(path: Path, meta: dict[str, Any], resume_spec: dict[str, Any]
     if progress_path.exists():
         progress = read_json(progress_path, "build progress")
         if progress.get("resume_spec") == resume_spec and not overwrite:
+            if progress.get("next_unit") is None:  # stopped while preallocating: nothing written to keep
+                _clear(path)
+                return OutputState("new")
             for name in (KEYS_FILE, VALS_FILE):
                 if not (path / name).exists():
                     raise KnnlmError(f"{path / name} is missing from a half-written build; pass --overwrite")
@@ -371,12 +374,20 @@ class ChunkWriter:
     """
 
     def __init__(
-        self, path: Path, num_rows: int, key_dim: int, state: OutputState, positions: np.ndarray | None = None
+        self,
+        path: Path,
+        num_rows: int,
+        key_dim: int,
+        state: OutputState,
+        resume_spec: dict[str, Any],
+        positions: np.ndarray | None = None,
     ) -> None:
         self.path = path
         self.num_rows = num_rows
         self.key_dim = key_dim
         resume = state.status != "new"
+        if not resume:  # claimed before any file appears, so a build stopped at once is still resumable
+            self._record(resume_spec, None, 0)
         if not resume and positions is not None:
             np.save(path / POSITIONS_FILE, positions.astype(np.int64))
         arrays = {
@@ -401,6 +412,10 @@ class ChunkWriter:
     def commit(self, resume_spec: dict[str, Any], next_unit: int, rows_done: int) -> None:
         """Make the rows written so far durable, then record where a resumed build continues."""
         self._sync()
+        self._record(resume_spec, next_unit, rows_done)
+
+    def _record(self, resume_spec: dict[str, Any], next_unit: int | None, rows_done: int) -> None:
+        """Write ``progress.json``; ``next_unit`` None: the files are being preallocated, nothing is kept yet."""
         write_json_atomic(
             self.path / PROGRESS_FILE,
             {
@@ -471,10 +486,11 @@ def write_datastore(
             "content_sha256": content,
         }
     )
-    state = prepare_output(path, meta, {"content_sha256": content}, overwrite)
+    spec = {"content_sha256": content}
+    state = prepare_output(path, meta, spec, overwrite)
     if state.status == "complete":
         return Datastore.open(path)
-    with ChunkWriter(path, n, d, state, positions) as writer:
+    with ChunkWriter(path, n, d, state, spec, positions) as writer:
         for start in range(0, n, chunk_rows):
             writer.write(start, keys[start : start + chunk_rows], vals[start : start + chunk_rows])
         writer.finish(meta)
