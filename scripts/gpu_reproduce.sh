@@ -206,7 +206,7 @@ job_xu2023() {  # Xu et al.'s Table 1 on the ω = 0, seed-1 model: one key type 
 }
 
 job_temperature() {  # knnlm analyze temperature over the seed-1 models evaluated in time
-  local model criterion omega seed name ended=() args=() t0
+  local model criterion omega seed name ended=() t0
   for model in "${MODEL_LIST[@]}"; do
     IFS=: read -r criterion omega seed <<< "$model"
     if is_temperature_model "$criterion" "$omega" "$seed"; then
@@ -214,22 +214,19 @@ job_temperature() {  # knnlm analyze temperature over the seed-1 models evaluate
     fi
   done
   wait_for "$ANALYSIS_UNTIL" all "${ended[@]}" || true
+  TEMPERATURE_ARGS=()
   for model in "${MODEL_LIST[@]}"; do
     IFS=: read -r criterion omega seed <<< "$model"
     name=$(model_name "$criterion" "$omega" "$seed")
     [ -e "$STATE/$name.evaluated" ] || continue
     is_temperature_model "$criterion" "$omega" "$seed" || continue
-    args+=(--cache "$SCRATCH/runs/$name/cache/valid" --test-cache "$SCRATCH/runs/$name/cache/test"
-      --datastore "$SCRATCH/runs/$name/datastore/att" --checkpoint "$SCRATCH/checkpoints/$name/checkpoint_best.pt"
-      --label "ω=$omega")
-    # every ω's retrieval is also mixed with the ω = 0 LM, so that the LMs' differences drop out
-    [ "$omega" != 0 ] || args+=(--shared-lm-cache "$SCRATCH/runs/$name/cache/valid"
-      --shared-lm-test-cache "$SCRATCH/runs/$name/cache/test")
+    temperature_model_args "$SCRATCH/runs/$name" "$SCRATCH/checkpoints/$name" "$omega"
+    [ "$omega" != 0 ] || shared_lm_args "$SCRATCH/runs/$name"
   done
-  [ ${#args[@]} -gt 0 ] || { say "temperature: no seed-1 model was evaluated in time"; exit 1; }
+  [ ${#TEMPERATURE_ARGS[@]} -gt 0 ] || { say "temperature: no seed-1 model was evaluated in time"; exit 1; }
   t0=$(elapsed)
-  say "temperature: knnlm analyze temperature over $(grep -c -- '^--label$' < <(printf '%s\n' "${args[@]}")) models"
-  run_until "$ANALYSIS_UNTIL" knnlm analyze temperature "${args[@]}" --mask-source real --score-source real \
+  say "temperature: knnlm analyze temperature over $(grep -c -- '^--label$' < <(printf '%s\n' "${TEMPERATURE_ARGS[@]}")) models"
+  run_until "$ANALYSIS_UNTIL" knnlm analyze temperature "${TEMPERATURE_ARGS[@]}" --mask-source real --score-source real \
     --k "${K_MAX:-1024}" --tau-points "$TAU_POINTS" --data-bin "$DATA" --out "$SCRATCH/temperature" \
     || { say "temperature: failed or cut at ANALYSIS_UNTIL"; exit 1; }
   printf 'temperature\tanalyze\t%s\t%s\n' "$t0" $(($(elapsed) - t0)) >> "$STATE/temperature.timings"

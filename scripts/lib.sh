@@ -161,6 +161,17 @@ run_pipeline() {  # checkpoint data out [VAR=VALUE...]: scripts/knnlm_pipeline.s
   env "$@" CKPT="$ckpt" DATA="$data" OUT="$out" bash scripts/knnlm_pipeline.sh
 }
 
+temperature_model_args() {  # run-dir checkpoint-dir omega: append one model's `knnlm analyze temperature`
+  # options (its valid/test caches, att datastore and best checkpoint) to TEMPERATURE_ARGS
+  TEMPERATURE_ARGS+=(--cache "$1/cache/valid" --test-cache "$1/cache/test" --datastore "$1/datastore/att"
+    --checkpoint "$2/checkpoint_best.pt" --label "ω=$3")
+}
+
+shared_lm_args() {  # run-dir: append the LM that every model's retrieval is also mixed with (the ω = 0
+  # model's), so that the LMs' differences drop out of the comparison, to TEMPERATURE_ARGS
+  TEMPERATURE_ARGS+=(--shared-lm-cache "$1/cache/valid" --shared-lm-test-cache "$1/cache/test")
+}
+
 find_device_wheels() {  # wheels-dir: WHEEL_FILES = the wheel of each pin of scripts/device_wheels.txt (names
   # spelled as wheels spell them: - and . become _); MISSING_WHEELS=1 if one is not there
   local pin name version match

@@ -170,24 +170,22 @@ evaluated() {  # dataset name: true once the model's result lines are kept and i
 }
 
 run_analyses() {  # dataset: the ω/τ question over the first seed's models; Figure 2 and clustering, ω = 0 vs 1
-  local dataset=$1 seed=${FIRST_SEED:-1} model criterion omega s name args=() n=0
+  local dataset=$1 seed=${FIRST_SEED:-1} model criterion omega s name n=0
   local runs=runs/ton2022-$SCALE/$1 ckpts=checkpoints/ton2022-$SCALE/$1
+  TEMPERATURE_ARGS=()
   for model in "${MODELS[@]}"; do
     IFS=: read -r criterion omega s <<< "$model"
     [ "$criterion" = activation_l2 ] && [ "$s" = "$seed" ] || continue
     name=w$omega-s$seed
     evaluated "$dataset" "$name" || continue
-    args+=(--cache "$runs/$name/cache/valid" --test-cache "$runs/$name/cache/test"
-      --datastore "$runs/$name/datastore/att" --checkpoint "$ckpts/$name/checkpoint_best.pt" --label "ω=$omega")
+    temperature_model_args "$runs/$name" "$ckpts/$name" "$omega"
     n=$((n + 1))
   done
   [ "$n" -gt 0 ] || { echo "no evaluated seed-$seed model with its caches: no ω/τ analysis"; return 0; }
-  # every model's retrieval is also mixed with the ω = 0 LM, so that the LMs' differences drop out
-  if evaluated "$dataset" "w0-s$seed"; then
-    args+=(--shared-lm-cache "$runs/w0-s$seed/cache/valid" --shared-lm-test-cache "$runs/w0-s$seed/cache/test")
-  fi
+  if evaluated "$dataset" "w0-s$seed"; then shared_lm_args "$runs/w0-s$seed"; fi
   step "the ω/τ question over $n models -> $(analysis_dir "$dataset" temperature)"
-  knnlm analyze temperature "${args[@]}" --data-bin "data-bin/$dataset" --out "$(analysis_dir "$dataset" temperature)"
+  knnlm analyze temperature "${TEMPERATURE_ARGS[@]}" --data-bin "data-bin/$dataset" \
+    --out "$(analysis_dir "$dataset" temperature)"
   evaluated "$dataset" "w0-s$seed" && evaluated "$dataset" "w1-s$seed" || return 0
   step "Figure 2 and the clustering analysis, ω = 0 vs ω = 1 -> $(analysis_dir "$dataset" analyses)"
   local pair=(--cache "$runs/w0-s$seed/cache/valid" --cache "$runs/w1-s$seed/cache/valid" --label 'ω=0' --label 'ω=1'
