@@ -39,7 +39,8 @@ def ton_lines(dataset: str = "wikitext-2") -> list[dict]:
     records = []
     for (omega, seed), (train, lm, tuned, lam, fixed) in RUNS.items():
         labels = {"omega": omega, "seed": seed, "train_ppl": train, "dataset": dataset, "cache": "full"}
-        knobs = {"split": "valid", "labels": labels, "checkpoint": f"sha256:{dataset}-{omega}-{seed}"}
+        index = {"factory": "IVF2048,PQ32", "nprobe": 32, "path": f"runs/w{omega}-s{seed}/index/att.l2.faiss"}
+        knobs = {"split": "valid", "labels": labels, "checkpoint": f"sha256:{dataset}-{omega}-{seed}", "index": index}
         records.append(result({"lm_ppl": lm, "interp_ppl": tuned, "lambda_used": lam}, **knobs))
         if fixed is not None:
             records.append(result({"lm_ppl": lm, "interp_ppl": fixed, "lambda_used": 0.3}, **knobs, **{"lambda": 0.3}))
@@ -365,6 +366,7 @@ def test_a_retrained_seed_replaces_the_earlier_one(tmp_path):
         {"lm_ppl": 78.0, "interp_ppl": 76.0, "lambda_used": 0.35},
         split="valid",
         checkpoint="sha256:retrained",
+        index={"factory": "IVF2048,PQ32", "nprobe": 32, "path": "runs/w0-s1-retrained/index/att.l2.faiss"},
         labels={"omega": 0, "seed": 1, "train_ppl": 64.0, "dataset": "wikitext-2", "cache": "full"},
     )
     md = render(tmp_path, [*ton_lines(), rerun])["ton2022_table"].markdown

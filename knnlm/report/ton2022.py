@@ -41,8 +41,8 @@ BASE: dict[str, Any] = {
 FIXED_LAMBDA = 0.3
 #: the ω rows of the paper's tables, always listed (with "missing" when absent)
 PAPER_OMEGAS: tuple[float, ...] = (0, 0.1, 1, 10)
-#: knobs that legitimately differ between the seeds of one ω (one model each)
-PER_MODEL = ("labels.seed", "labels.train_ppl", "checkpoint")
+#: knobs that legitimately differ between the seeds of one ω (one model each, with its own index file)
+PER_MODEL = ("labels.seed", "labels.train_ppl", "checkpoint", "index.path")
 OMEGA = "labels.omega"
 SEED = "labels.seed"
 DATASET = "labels.dataset"
