@@ -42,12 +42,18 @@ Every finished model is skipped on a rerun and an interrupted training resumes f
 checkpoint_last.pt, so the set can be completed over several sittings; the report is rendered from
 the models finished so far, and each one's result lines are kept in <out>/models/<name>.jsonl.
 
+Disk: the retrieved neighbours (k = 1024) of one model's valid and test splits take 5.7 GB at small
+scale. Only the first seed's activation_l2 models need them afterwards (the analyses), so the other
+models' neighbours (runs/.../<name>/cache/*/knn) are deleted once their result lines are kept, and a
+model whose lines are kept is not evaluated again (delete <out>/models/<dataset>.<name>.jsonl to
+evaluate it anew). KEEP_NEIGHBOURS=all keeps every model's neighbours.
+
 Outputs: checkpoints/ton2022-<scale>/<dataset>/<name>/ (train.log, checkpoint_best.pt),
 runs/ton2022-<scale>/<dataset>/<name>/ (pipeline), <out>/results.jsonl, <out>/training.tsv, <out>/report.md,
 <out>/temperature/ (knnlm analyze temperature over the first seed's models, with the ω = 0 LM shared),
 <out>/analyses/ (Figure 2 and the clustering analysis, ω = 0 vs ω = 1); with two datasets the last
 two folders get a -<dataset> suffix.
-Environment: EPOCHS, PATIENCE, MIN_GAIN, EVAL_LIMIT, GPUS (paper: GPUs per training; default all that nvidia-smi
+Environment: EPOCHS, PATIENCE, MIN_GAIN, EVAL_LIMIT, KEEP_NEIGHBOURS (first-seed|all), GPUS (paper: GPUs per training; default all that nvidia-smi
 lists), WIKI2_MAX_UPDATE/WIKI2_WARMUP (paper WikiText-2 schedule), and the variables of
 scripts/knnlm_pipeline.sh.
 EOF
@@ -99,6 +105,11 @@ else
   for seed in $SEEDS; do for omega in $OMEGAS; do MODELS+=("activation_l2:$omega:$seed"); done; done
 fi
 FIRST_SEED=${SEEDS%% *}
+KEEP_NEIGHBOURS=${KEEP_NEIGHBOURS:-first-seed}
+case $KEEP_NEIGHBOURS in
+  first-seed | all) ;;
+  *) usage_error "KEEP_NEIGHBOURS must be first-seed or all, not '$KEEP_NEIGHBOURS'" ;;
+esac
 if [ "$MOCO" = 1 ]; then MODELS+=("moco_queue:1:${FIRST_SEED:-1}"); fi
 for omega in $OMEGAS; do [[ $omega =~ ^[0-9]+([.][0-9]+)?$ ]] || usage_error "ω must be a number >= 0, not '$omega'"; done
 for seed in $SEEDS; do [[ $seed =~ ^[0-9]+$ ]] || usage_error "a seed must be an integer, not '$seed'"; done
@@ -117,13 +128,22 @@ pipeline_settings() {  # the scripts/knnlm_pipeline.sh variables of this scale (
   fi
 }
 
+keeps_neighbours() {  # criterion seed: true if the analyses need this model's retrieved neighbours later
+  [ "$KEEP_NEIGHBOURS" = all ] || { [ "$1" = activation_l2 ] && [ "$2" = "${FIRST_SEED:-1}" ]; }
+}
+
 run_one() {  # dataset criterion omega seed: train (or reuse), evaluate, keep the run's result lines
-  local dataset=$1 criterion=$2 omega=$3 seed=$4 name ckpt_dir run_dir ppl
+  local dataset=$1 criterion=$2 omega=$3 seed=$4 name ckpt_dir run_dir ppl kept
   name=w$omega-s$seed
   [ "$criterion" = activation_l2 ] || name=moco-$name
   ckpt_dir=checkpoints/ton2022-$SCALE/$dataset/$name
   run_dir=runs/ton2022-$SCALE/$dataset/$name
+  kept=$OUT_DIR/models/$dataset.$name
   train_lm "$(recipe_of "$dataset")" "data-bin/$dataset" "$ckpt_dir" "$omega" "$seed" "$criterion"
+  if [ -f "$kept.jsonl" ] && [ -f "$kept.tsv" ] && ! keeps_neighbours "$criterion" "$seed"; then
+    echo "$name is evaluated already ($kept.jsonl; delete it to evaluate again)"
+    return 0
+  fi
   ppl=$(train_ppl "$ckpt_dir/train.log")
   local labels="--label omega=$omega --label seed=$seed --label dataset=$dataset --label criterion=$criterion"
   if [ -n "$ppl" ]; then
@@ -136,11 +156,15 @@ run_one() {  # dataset criterion omega seed: train (or reuse), evaluate, keep th
     KEY_TYPES=att METRICS=l2 EXACT_LIMIT=0 $(pipeline_settings) SCORE_ARGS="$labels"
   # committed as each model finishes: its result lines and one row of training facts
   mkdir -p "$OUT_DIR/models"
-  cp "$run_dir/results.jsonl" "$OUT_DIR/models/$dataset.$name.jsonl"
+  cp "$run_dir/results.jsonl" "$kept.jsonl"
   local best
   best=$(best_valid "$ckpt_dir/train.log")
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$dataset" "$criterion" "$omega" "$seed" \
-    "$(train_seconds "$ckpt_dir")" "${best% *}" "${best#* }" "${ppl:-}" > "$OUT_DIR/models/$dataset.$name.tsv"
+    "$(train_seconds "$ckpt_dir")" "${best% *}" "${best#* }" "${ppl:-}" > "$kept.tsv"
+  if ! keeps_neighbours "$criterion" "$seed"; then
+    rm -rf "$run_dir/cache/valid/knn" "$run_dir/cache/test/knn"
+    echo "deleted the retrieved neighbours of $name (its lines are kept; KEEP_NEIGHBOURS=all keeps them)"
+  fi
 }
 
 for dataset in "${DATASET_LIST[@]}"; do

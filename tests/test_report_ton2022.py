@@ -271,6 +271,35 @@ def test_ton2022_small_trains_each_omega_once_and_labels_its_results(sandbox):
     )
 
 
+def test_ton2022_keeps_only_the_first_seeds_neighbours_and_skips_evaluated_models(sandbox):
+    """Neighbours take GBs per model: other seeds' are deleted once their lines are kept, and not redone."""
+    pipeline = sandbox / "scripts" / "knnlm_pipeline.sh"
+    knn = 'for s in valid test; do mkdir -p "$OUT/cache/$s/knn/att-l2-faiss"; done\n'
+    pipeline.write_text(pipeline.read_text() + knn)
+    args = ("repo/scripts/ton2022.sh", "--scale", "small", "--omegas", "0", "--seeds", "1 2")
+    proc = run_script(sandbox, *args)
+    assert proc.returncode == 0, proc.stderr
+    runs = sandbox / "runs" / "ton2022-small" / "wikitext-2"
+    assert (runs / "w0-s1" / "cache" / "valid" / "knn" / "att-l2-faiss").is_dir()
+    assert not (runs / "w0-s2" / "cache" / "valid" / "knn").exists()
+    assert not (runs / "w0-s2" / "cache" / "test" / "knn").exists()
+    assert (runs / "w0-s2" / "cache" / "valid").is_dir()  # the LM's cache stays
+    assert "deleted the retrieved neighbours of w0-s2" in proc.stdout
+    before = len(calls(sandbox))
+    proc = run_script(sandbox, *args)
+    assert proc.returncode == 0 and "w0-s2 is evaluated already" in proc.stdout
+    # the first seed is evaluated again (every step is reused; the analyses need its neighbours), seed 2 is not
+    assert [c.split()[3] for c in calls(sandbox)[before:] if c.startswith("pipeline")] == [
+        "OUT=runs/ton2022-small/wikitext-2/w0-s1"
+    ]
+    proc = run_script(sandbox, *args, KEEP_NEIGHBOURS="all")
+    assert proc.returncode == 0
+    assert len([c for c in calls(sandbox) if "OUT=runs/ton2022-small/wikitext-2/w0-s2 " in c]) == 2
+    assert (runs / "w0-s2" / "cache" / "valid" / "knn" / "att-l2-faiss").is_dir()
+    bad = run_script(sandbox, *args, KEEP_NEIGHBOURS="some")
+    assert bad.returncode == 2 and "KEEP_NEIGHBOURS must be first-seed or all" in bad.stderr
+
+
 def test_ton2022_report_only_renders_the_finished_models_and_runs_nothing_else(sandbox):
     proc = run_script(sandbox, "repo/scripts/ton2022.sh", "--scale", "small", "--report-only")
     assert proc.returncode == 1 and "no finished model in" in proc.stderr and calls(sandbox) == []
