@@ -9,6 +9,8 @@
 # DATA a folder of raw text splits).
 # Every step skips work that is already complete, so an interrupted run can simply be restarted.
 set -euo pipefail
+# shellcheck source=scripts/lib.sh
+source "$(dirname "$0")/lib.sh"
 : "${DATA:?set DATA=data-bin/NAME}" "${OUT:?set OUT=runs/NAME}"
 if [ -n "${HF_MODEL:-}" ]; then
   BASE_MODEL=(--hf-model "$HF_MODEL")
@@ -29,9 +31,7 @@ EXACT_LIMIT=${EXACT_LIMIT:-0}          # tokens of valid/test with exact neighbo
 EXACT_KEY=${EXACT_KEY:-att}            # key type and metric of the FAISS/real mask/score comparison
 EXACT_METRIC=${EXACT_METRIC:-l2}
 SCORE_ARGS=${SCORE_ARGS:-}             # extra knnlm score arguments (e.g. --label omega=1)
-# Figure 5's τ sweep: the paper's 0.1-3 range, then on to 100 (keys with ‖r‖² in the hundreds, like an
-# unregularized small model's, are best at τ in the tens)
-TEMPERATURES=${TEMPERATURES:-0.1:3.0:0.1,4,5,7,10,15,20,30,50,100}   # none: no sweep
+TEMPERATURES=${TEMPERATURES:-$(default_temperatures)}   # Figure 5's τ sweep (scripts/lib.sh); none: no sweep
 DEVICE=${DEVICE:-auto}
 SEARCH=${SEARCH:-faiss}                # faiss: FAISS indexes; exact: exact neighbours only, no index
 case $SEARCH in

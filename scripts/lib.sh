@@ -154,6 +154,11 @@ train_ppl() {  # fairseq-log: ppl of the last end-of-epoch "| train |" line (2^l
   grep -F '| train |' "$1" | tail -n 1 | sed -n 's/.*| ppl \([0-9][0-9.e+]*\).*/\1/p'
 }
 
+default_temperatures() {  # the τ grid of Figure 5 and of the datastore-size curves: the paper's 0.1-3 range,
+  # then on to 100 (keys with ‖r‖² in the hundreds, like an unregularized small model's, are best at τ in the tens)
+  echo 0.1:3.0:0.1,4,5,7,10,15,20,30,50,100
+}
+
 run_pipeline() {  # checkpoint data out [VAR=VALUE...]: scripts/knnlm_pipeline.sh with these settings
   local ckpt=$1 data=$2 out=$3
   shift 3

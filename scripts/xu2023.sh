@@ -46,7 +46,8 @@ only (the full valid/test splits cost ~5.7 GB of neighbours per ratio at k = 102
 
 Outputs: runs/xu2023-<scale>/ (pipeline: datastores, indexes, caches, results.jsonl;
 subsample/<ratio>/ and subsample/results.jsonl: the rebuilt datastores) and <out>/report.md with
-the xu2023_* parts. Environment: EPOCHS, EVAL_LIMIT, EXACT_LIMIT, SUBSAMPLE_RATIOS, SUBSAMPLE_CACHES,
+the xu2023_* parts, rendered from <out>/results.jsonl (both sets of result lines), beside the
+pipeline's timings.tsv and sizes.txt; <out>/exact/: the same for the exact-neighbour tokens. Environment: EPOCHS, EVAL_LIMIT, EXACT_LIMIT, SUBSAMPLE_RATIOS, SUBSAMPLE_CACHES,
 GPUS, and the variables of scripts/knnlm_pipeline.sh.
 EOF
 }
@@ -75,7 +76,7 @@ case $SCALE in
   *) usage_error "--scale must be small or paper, not '$SCALE'" ;;
 esac
 cd "$(dirname "$0")/.."
-OUT_DIR=${OUT_DIR:-$PWD/results/xu2023-$SCALE}
+OUT_DIR=${OUT_DIR:-results/xu2023-$SCALE}  # relative to the repository root: reports name no machine path
 RUN_DIR=runs/xu2023-$SCALE
 SUBSAMPLE_RATIOS=${SUBSAMPLE_RATIOS:-0.1 0.25 0.5}
 [ "$SUBSAMPLE_RATIOS" != none ] || SUBSAMPLE_RATIOS=''
@@ -88,6 +89,9 @@ for root in $SUBSAMPLE_CACHES; do
 done
 # the pipeline's defaults, which the rebuilt datastores' steps share
 K_MAX=${K_MAX:-1024} MAX_TOKENS=${MAX_TOKENS:-8192} DEVICE=${DEVICE:-auto}
+TEMPERATURES=${TEMPERATURES:-$(default_temperatures)}
+TAU_OPTIONS=()
+[ "$TEMPERATURES" = none ] || TAU_OPTIONS=(--temperature "$TEMPERATURES")
 
 timed() {  # name command...: run it and log its seconds in the pipeline's timings.tsv
   local name=$1 t0=$SECONDS
@@ -164,14 +168,32 @@ score_rebuilt() {  # out: score lines of the rebuilt datastores, and the score-t
         cache-exact) options=(--mask-source faiss,real --score-source faiss,real --label cache=exact) ;;
       esac
       knnlm score --valid-cache "$cache/valid" --test-cache "$cache/test" --out "$out" --key-type att \
-        --similarity l2 --k "$K_MAX" --skip-missing "${options[@]}" "${LABELS[@]}"
+        --similarity l2 --k "$K_MAX" "${TAU_OPTIONS[@]}" --skip-missing "${options[@]}" "${LABELS[@]}"
     done
   done
   # the score-time filter at the same ratios, on the full caches (the pipeline filters only the exact caches')
   # shellcheck disable=SC2086  # the ratios are split into words, then joined by commas
   knnlm score --valid-cache "$RUN_DIR/cache/valid" --test-cache "$RUN_DIR/cache/test" --out "$out" --key-type att \
-    --similarity l2 --k "$K_MAX" --subsample-ratio "$(echo $SUBSAMPLE_RATIOS | tr ' ' ,)" --skip-missing \
-    --label cache=full "${LABELS[@]}"
+    --similarity l2 --k "$K_MAX" --subsample-ratio "$(echo $SUBSAMPLE_RATIOS | tr ' ' ,)" "${TAU_OPTIONS[@]}" \
+    --skip-missing --label cache=full "${LABELS[@]}"
+}
+
+tuned_tau() {  # results.jsonl: the τ at which att/L2 over all training tokens (FAISS, full caches) is best on valid
+  python - "$1" <<'PY'
+import json, sys
+best = None
+for text in open(sys.argv[1]):
+    line = json.loads(text)
+    knobs, metrics = line.get("knobs", {}), line.get("metrics", {})
+    wanted = {"split": "test", "key_type": "att", "similarity": "l2", "mask_source": "faiss",
+              "score_source": "faiss", "datastore_fraction": 1.0, "lambda": "tune"}
+    if knobs.get("labels", {}).get("cache") != "full" or any(knobs.get(k) != v for k, v in wanted.items()):
+        continue
+    valid = metrics.get("valid_interp_ppl")
+    if isinstance(valid, (int, float)) and (best is None or valid < best[0]):
+        best = (valid, knobs["temperature"])
+print("" if best is None else best[1])
+PY
 }
 
 if [ "$SCALE" = small ]; then
@@ -215,9 +237,25 @@ fi
 step "report -> $OUT_DIR"
 parts=$(knnlm report --list | awk '$1 ~ /^xu2023_/ && $1 != "xu2023_table4" { print $1 }' | paste -sd, -)
 [ -n "$parts" ] || die "knnlm report --list shows no xu2023_* part"
+# the result lines, step timings and artifact sizes are kept beside the report (committed with it)
+mkdir -p "$OUT_DIR"
+for file in "${RESULTS[@]}"; do [ ! -f "$file" ] || cat "$file"; done > "$OUT_DIR/results.jsonl"
+for file in timings.tsv sizes.txt; do [ ! -f "$RUN_DIR/$file" ] || cp "$RUN_DIR/$file" "$OUT_DIR/$file"; done
 # the full caches and the exact-neighbour caches hold different tokens: one report each
-knnlm report "${RESULTS[@]}" --out "$OUT_DIR" --only "$parts" --where labels.cache=full
-if grep -q '"cache": "exact"' "$RUN_DIR/results.jsonl"; then
-  knnlm report "${RESULTS[@]}" --out "$OUT_DIR/exact" --only "$parts" --where labels.cache=exact
+knnlm report "$OUT_DIR/results.jsonl" --out "$OUT_DIR" --only "$parts" --where labels.cache=full
+if grep -q '"cache": "exact"' "$OUT_DIR/results.jsonl"; then
+  knnlm report "$OUT_DIR/results.jsonl" --out "$OUT_DIR/exact" --only "$parts" --where labels.cache=exact
+fi
+# at τ = 1 an unregularized small model's kNN part is nearly one-hot (its keys' ‖r‖² are in the
+# hundreds): the datastore-size and FAISS-vs-exact comparisons again at the τ tuned on valid
+tau=$(tuned_tau "$OUT_DIR/results.jsonl")
+if [ -n "$tau" ] && [ "$tau" != 1.0 ]; then
+  step "Table 3 and Figures 2/4 at the tuned τ = $tau -> $OUT_DIR/tuned-tau"
+  knnlm report "$OUT_DIR/results.jsonl" --out "$OUT_DIR/tuned-tau" --only xu2023_table1,xu2023_figure2_4 \
+    --where labels.cache=full --where temperature="$tau"
+  if grep -q '"cache": "exact"' "$OUT_DIR/results.jsonl"; then
+    knnlm report "$OUT_DIR/results.jsonl" --out "$OUT_DIR/exact/tuned-tau" --only xu2023_table3,xu2023_figure2_4 \
+      --where labels.cache=exact --where temperature="$tau"
+  fi
 fi
 echo "report: $OUT_DIR/report.md (and $OUT_DIR/exact/ for FAISS vs exact neighbours)"

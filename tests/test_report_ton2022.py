@@ -266,9 +266,11 @@ def test_ton2022_small_trains_each_omega_once_and_labels_its_results(sandbox):
     ) in log
     out = sandbox / "results" / "xu2023-small"
     assert log[-1] == (
-        f"knnlm report runs/xu2023-small/results.jsonl runs/xu2023-small/subsample/results.jsonl --out {out} "
+        "knnlm report results/xu2023-small/results.jsonl --out results/xu2023-small "
         "--only xu2023_table1,xu2023_figure5 --where labels.cache=full"
     )
+    # the lines the report is rendered from are kept beside it
+    assert (out / "results.jsonl").read_text() == '{"run": "runs/xu2023-small"}\n'
 
 
 def test_ton2022_keeps_only_the_first_seeds_neighbours_and_skips_evaluated_models(sandbox):
@@ -472,10 +474,37 @@ def test_xu2023_small_links_what_ton2022_built_and_keeps_its_own_results(sandbox
     (pipeline,) = [c for c in log if c.startswith("pipeline")]
     assert "OUT=runs/xu2023-small KEY_TYPES=att,ffn" in pipeline and not (ton / "results.jsonl").exists()
     assert not [c for c in log if "subsample" in c]  # SUBSAMPLE_RATIOS=none
-    assert log[-1].startswith("knnlm report runs/xu2023-small/results.jsonl --out")
+    assert log[-1].startswith("knnlm report results/xu2023-small/results.jsonl --out results/xu2023-small")
     # a second run keeps the links as they are
     assert run_script(sandbox, "repo/scripts/xu2023.sh", "--scale", "small", SUBSAMPLE_RATIOS="none").returncode == 0
     assert (run / "datastore/att").resolve() == (ton / "datastore/att").resolve()
+
+
+TAUS = "0.1:3.0:0.1,4,5,7,10,15,20,30,50,100"  # scripts/lib.sh default_temperatures
+
+
+def test_xu2023_reports_table3_and_figures_2_4_again_at_the_tau_tuned_on_valid(sandbox):
+    """τ = 1 is far too sharp for keys with ‖r‖² in the hundreds: the comparisons are redone at the tuned τ."""
+    _finished_ton2022_run(sandbox)
+    line = (
+        '{{"knobs": {{"split": "test", "key_type": "att", "similarity": "l2", "mask_source": "faiss", '
+        '"score_source": "faiss", "datastore_fraction": 1.0, "lambda": "tune", "temperature": {tau}, '
+        '"labels": {{"cache": "{cache}"}}}}, "metrics": {{"valid_interp_ppl": {ppl}}}}}'
+    )
+    lines = [line.format(tau=1.0, cache="full", ppl=130), line.format(tau=20.0, cache="full", ppl=121),
+             line.format(tau=5.0, cache="full", ppl=125), line.format(tau=30.0, cache="exact", ppl=90)]
+    pipeline = sandbox / "scripts" / "knnlm_pipeline.sh"
+    pipeline.write_text(pipeline.read_text() + "cat > \"$OUT/results.jsonl\" <<'EOF'\n" + "\n".join(lines) + "\nEOF\n")
+    proc = run_script(sandbox, "repo/scripts/xu2023.sh", "--scale", "small", SUBSAMPLE_RATIOS="none")
+    assert proc.returncode == 0, proc.stderr
+    reports = [c for c in calls(sandbox) if c.startswith("knnlm report results/")]
+    out = "results/xu2023-small"
+    assert reports[-2:] == [
+        f"knnlm report {out}/results.jsonl --out {out}/tuned-tau --only xu2023_table1,xu2023_figure2_4 "
+        "--where labels.cache=full --where temperature=20.0",
+        f"knnlm report {out}/results.jsonl --out {out}/exact/tuned-tau --only xu2023_table3,xu2023_figure2_4 "
+        "--where labels.cache=exact --where temperature=20.0",
+    ]
 
 
 def test_xu2023_rebuilds_subsampled_datastores_once(sandbox):
@@ -508,22 +537,22 @@ def test_xu2023_rebuilds_subsampled_datastores_once(sandbox):
     scores = [c for c in log if c.startswith("knnlm score")]
     assert scores == [
         f"knnlm score --valid-cache {sub}/0.1/cache/valid --test-cache {sub}/0.1/cache/test --out {sub}/results.jsonl "
-        "--key-type att --similarity l2 --k 1024 --skip-missing --label cache=full --label dataset=wikitext-2",
+        f"--key-type att --similarity l2 --k 1024 --temperature {TAUS} --skip-missing --label cache=full "
+        "--label dataset=wikitext-2",
         f"knnlm score --valid-cache {sub}/0.1/cache-exact/valid --test-cache {sub}/0.1/cache-exact/test "
-        f"--out {sub}/results.jsonl --key-type att --similarity l2 --k 1024 --skip-missing --mask-source faiss,real "
-        "--score-source faiss,real --label cache=exact --label dataset=wikitext-2",
+        f"--out {sub}/results.jsonl --key-type att --similarity l2 --k 1024 --temperature {TAUS} --skip-missing "
+        "--mask-source faiss,real --score-source faiss,real --label cache=exact --label dataset=wikitext-2",
         *[c for c in scores if "/0.5/" in c],
         # the score-time approximation at the same ratios, on the full caches, beside them
         "knnlm score --valid-cache runs/xu2023-small/cache/valid --test-cache runs/xu2023-small/cache/test "
         f"--out {sub}/results.jsonl --key-type att --similarity l2 --k 1024 --subsample-ratio 0.1,0.5 "
-        "--skip-missing --label cache=full --label dataset=wikitext-2",
+        f"--temperature {TAUS} --skip-missing --label cache=full --label dataset=wikitext-2",
     ]
     assert len(scores) == 5
     # a rerun finds every step complete (meta.json) and only scores again
     assert run_script(sandbox, "repo/scripts/xu2023.sh", "--scale", "small", SUBSAMPLE_RATIOS="0.1 0.5").returncode == 0
     again = [c for c in calls(sandbox) if "subsample" in c][len(log):]
-    assert [c.split(" --")[0] for c in again] == ["knnlm score"] * 5 + ["knnlm report runs/xu2023-small/results.jsonl "
-                                                                         "runs/xu2023-small/subsample/results.jsonl"]
+    assert [c.split(" --")[0] for c in again] == ["knnlm score"] * 5
     bad = run_script(sandbox, "repo/scripts/xu2023.sh", "--scale", "small", SUBSAMPLE_RATIOS="0.1 1")
     assert bad.returncode == 2 and "must be in (0, 1)" in bad.stderr
     # SUBSAMPLE_CACHES=cache-exact: a new ratio is searched for the exact-neighbour tokens only
