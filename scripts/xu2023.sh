@@ -47,7 +47,10 @@ only (the full valid/test splits cost ~5.7 GB of neighbours per ratio at k = 102
 Outputs: runs/xu2023-<scale>/ (pipeline: datastores, indexes, caches, results.jsonl;
 subsample/<ratio>/ and subsample/results.jsonl: the rebuilt datastores) and <out>/report.md with
 the xu2023_* parts, rendered from <out>/results.jsonl (both sets of result lines), beside the
-pipeline's timings.tsv and sizes.txt; <out>/exact/: the same for the exact-neighbour tokens. Environment: EPOCHS, EVAL_LIMIT, EXACT_LIMIT, SUBSAMPLE_RATIOS, SUBSAMPLE_CACHES,
+pipeline's timings.tsv and sizes.txt; <out>/exact/: the same for the exact-neighbour tokens;
+<out>/tuned-tau/ and <out>/exact/tuned-tau/: Tables 1/3 and Figures 2/4 again at the τ where att/L2
+is best on valid (the rebuilt datastores are scored over the pipeline's TEMPERATURES grid too).
+Environment: EPOCHS, EVAL_LIMIT, EXACT_LIMIT, SUBSAMPLE_RATIOS, SUBSAMPLE_CACHES, TEMPERATURES,
 GPUS, and the variables of scripts/knnlm_pipeline.sh.
 EOF
 }
