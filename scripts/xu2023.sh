@@ -245,8 +245,10 @@ mkdir -p "$OUT_DIR"
 for file in "${RESULTS[@]}"; do [ ! -f "$file" ] || cat "$file"; done > "$OUT_DIR/results.jsonl"
 for file in timings.tsv sizes.txt; do [ ! -f "$RUN_DIR/$file" ] || cp "$RUN_DIR/$file" "$OUT_DIR/$file"; done
 # the full caches and the exact-neighbour caches hold different tokens: one report each
+has_exact=0
+if grep -q '"cache": "exact"' "$OUT_DIR/results.jsonl"; then has_exact=1; fi
 knnlm report "$OUT_DIR/results.jsonl" --out "$OUT_DIR" --only "$parts" --where labels.cache=full
-if grep -q '"cache": "exact"' "$OUT_DIR/results.jsonl"; then
+if [ "$has_exact" = 1 ]; then
   knnlm report "$OUT_DIR/results.jsonl" --out "$OUT_DIR/exact" --only "$parts" --where labels.cache=exact
 fi
 # at τ = 1 an unregularized small model's kNN part is nearly one-hot (its keys' ‖r‖² are in the
@@ -256,7 +258,7 @@ if [ -n "$tau" ] && [ "$tau" != 1.0 ]; then
   step "Table 3 and Figures 2/4 at the tuned τ = $tau -> $OUT_DIR/tuned-tau"
   knnlm report "$OUT_DIR/results.jsonl" --out "$OUT_DIR/tuned-tau" --only xu2023_table1,xu2023_figure2_4 \
     --where labels.cache=full --where temperature="$tau"
-  if grep -q '"cache": "exact"' "$OUT_DIR/results.jsonl"; then
+  if [ "$has_exact" = 1 ]; then
     knnlm report "$OUT_DIR/results.jsonl" --out "$OUT_DIR/exact/tuned-tau" --only xu2023_table3,xu2023_figure2_4 \
       --where labels.cache=exact --where temperature="$tau"
   fi

@@ -386,10 +386,10 @@ class ChunkWriter:
         self.num_rows = num_rows
         self.key_dim = key_dim
         resume = state.status != "new"
-        if not resume:  # claimed before any file appears, so a build stopped at once is still resumable
-            self._record(resume_spec, None, 0)
-        if not resume and positions is not None:
-            np.save(path / POSITIONS_FILE, positions.astype(np.int64))
+        if not resume:
+            self._record(resume_spec, None, 0)  # claimed before any file appears: a stop now is still resumable
+            if positions is not None:
+                np.save(path / POSITIONS_FILE, positions.astype(np.int64))
         arrays = {
             "keys": (path / KEYS_FILE, (num_rows, key_dim), KEY_DTYPE),
             "vals": (path / VALS_FILE, (num_rows,), VAL_DTYPE),
