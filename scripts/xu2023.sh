@@ -182,21 +182,9 @@ score_rebuilt() {  # out: score lines of the rebuilt datastores, and the score-t
 }
 
 tuned_tau() {  # results.jsonl: the τ at which att/L2 over all training tokens (FAISS, full caches) is best on valid
-  python - "$1" <<'PY'
-import json, sys
-best = None
-for text in open(sys.argv[1]):
-    line = json.loads(text)
-    knobs, metrics = line.get("knobs", {}), line.get("metrics", {})
-    wanted = {"split": "test", "key_type": "att", "similarity": "l2", "mask_source": "faiss",
-              "score_source": "faiss", "datastore_fraction": 1.0, "lambda": "tune"}
-    if knobs.get("labels", {}).get("cache") != "full" or any(knobs.get(k) != v for k, v in wanted.items()):
-        continue
-    valid = metrics.get("valid_interp_ppl")
-    if isinstance(valid, (int, float)) and (best is None or valid < best[0]):
-        best = (valid, knobs["temperature"])
-print("" if best is None else best[1])
-PY
+  knnlm report "$1" --best temperature --where labels.cache=full --where split=test --where key_type=att \
+    --where similarity=l2 --where mask_source=faiss --where score_source=faiss --where datastore_fraction=1.0 \
+    --where lambda=tune
 }
 
 if [ "$SCALE" = small ]; then

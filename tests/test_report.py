@@ -16,6 +16,7 @@ from knnlm.report import (
     RenderContext,
     Row,
     TableSpec,
+    best_setting,
     load_results,
     parse_line,
     render_report,
@@ -246,6 +247,33 @@ def test_seed_aggregation_for_later_tables(tmp_path):
     # without aggregation, lines from two seeds are ambiguous rather than averaged silently
     plain = render_table(TableSpec(**{**spec.__dict__, "aggregate_over": ()}), lines, RenderContext(tmp_path))
     assert "| 0 | ambiguous |" in plain.markdown
+
+
+def test_best_setting_is_the_knob_value_tuned_on_valid(tmp_path, capsys, monkeypatch):
+    records = [
+        result({"valid_interp_ppl": 130.0}, temperature=1.0, labels={"cache": "full"}),
+        result({"valid_interp_ppl": 121.0}, temperature=20.0, labels={"cache": "full"}),
+        result({"valid_interp_ppl": 119.0}, temperature=5.0, labels={"cache": "full"}),
+        result({"valid_interp_ppl": 125.0}, temperature=5.0, labels={"cache": "full"}),  # a re-run: it counts
+        result({"valid_interp_ppl": "inf"}, temperature=0.1, labels={"cache": "full"}),
+        result({"valid_interp_ppl": 90.0}, temperature=30.0, labels={"cache": "exact"}),
+        result({"valid_interp_ppl": 80.0}, temperature=50.0, similarity="ip", labels={"cache": "full"}),
+    ]
+    path = write_lines(tmp_path / "r.jsonl", records)
+    lines = load_results([path])
+    full_l2 = {"labels.cache": "full", "similarity": "l2"}
+    assert best_setting(lines, full_l2, "temperature", "valid_interp_ppl") == 20.0
+    assert best_setting(lines, {}, "temperature", "valid_interp_ppl") == 50.0
+    assert best_setting(lines, full_l2, "temperature", "interp_ppl") == 1.0  # all tie at 19.17: the first read
+    assert best_setting(lines, {"split": "valid"}, "temperature", "valid_interp_ppl") is None
+    assert best_setting(lines, full_l2, "no_such_knob", "valid_interp_ppl") is None
+    monkeypatch.setattr(cli_main, "COMMANDS", ["report"])
+    assert cli_main.main(["report", str(path), "--best", "temperature", "--where", "labels.cache=full",
+                     "--where", "similarity=l2"]) == 0
+    assert capsys.readouterr().out == "20.0\n"
+    monkeypatch.setattr(cli_main, "COMMANDS", ["report"])
+    assert cli_main.main(["report", str(path), "--best", "temperature", "--where", "split=valid"]) == 0
+    assert capsys.readouterr().out == ""
 
 
 def test_bad_input_is_refused(tmp_path):

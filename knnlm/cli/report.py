@@ -2,8 +2,11 @@
 
     knnlm report results.jsonl [more.jsonl ...] --out reports/wt103 \\
         [--only xu2023_table1,xu2023_figure5] [--where split=valid --where k=64] [--strict] [--list]
+    knnlm report results.jsonl --where key_type=att --where lambda=tune --best temperature
 
 Writes ``<out>/report.md`` plus ``<name>.md``/``<name>.png`` per table/figure.
+``--best KNOB`` instead prints the knob's value on the matching line with the lowest
+``--by`` metric (default ``valid_interp_ppl``: the setting tuned on valid).
 Settings a table needs but the lines lack are shown as "missing" (never filled
 in); ``--strict`` turns any of them into an error.
 """
@@ -52,15 +55,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--strict", action="store_true", help="fail when a setting is missing or ambiguous")
     parser.add_argument("--list", action="store_true", help="list the available tables and figures")
+    parser.add_argument(
+        "--best",
+        metavar="KNOB",
+        help="print KNOB's value on the --where-matching line with the lowest --by metric, render nothing",
+    )
+    parser.add_argument(
+        "--by", default="valid_interp_ppl", metavar="METRIC", help="metric --best minimizes (default: %(default)s)"
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
-    from knnlm.report import RENDERERS, load_results, render_report
+    from knnlm.report import RENDERERS, best_setting, load_results, render_report
 
     if args.list:
         for renderer in RENDERERS.values():
             print(f"{renderer.name:20s} {renderer.kind:6s} {renderer.title}")
+        return
+    if args.best:
+        if not args.results:
+            raise KnnlmError("give result files to choose --best from")
+        where = parse_where(args.where)
+        value = best_setting(load_results(args.results), where, args.best, args.by)
+        if value is None:  # nothing printed: a script's $(...) is then empty
+            logger.warning("no line matching %s has a finite %s", where or "anything", args.by)
+        else:
+            print(value)
         return
     if not args.results or args.out is None:
         raise KnnlmError("give result files and --out DIR (or --list)")

@@ -132,6 +132,26 @@ def differing_knobs(lines: Sequence[ResultLine], ignore: Iterable[str] = ()) -> 
     return [k for k in keys if any(not same_value(line.knobs.get(k), first.get(k)) for line in lines[1:])]
 
 
+def best_setting(lines: Sequence[ResultLine], where: Mapping[str, Any], knob: str, metric: str) -> Any:
+    """``knob``'s value on the matching line with the lowest finite ``metric`` (None when no line has both).
+
+    This is how a knob is tuned on valid from lines already written (e.g. τ by ``valid_interp_ppl``):
+    re-runs of one setting count once (the last line read), and ties go to the first setting read.
+    """
+    latest: dict[tuple[tuple[str, str], ...], ResultLine] = {}
+    for line in select(lines, where):
+        latest[tuple(sorted((k, repr(v)) for k, v in line.knobs.items()))] = line
+    best: tuple[float, Any] | None = None
+    for line in latest.values():
+        value = line.metric(metric)
+        is_number = isinstance(value, int | float) and not isinstance(value, bool)
+        if knob not in line.knobs or not is_number or not math.isfinite(value):
+            continue
+        if best is None or value < best[0]:
+            best = (value, line.knobs.get(knob))
+    return None if best is None else best[1]
+
+
 @dataclass(frozen=True)
 class Pick:
     """The outcome of selecting lines for one table cell or plot point."""
