@@ -8,9 +8,10 @@ import dataclasses
 import pytest
 
 from knnlm.cli.main import build_parser
-from knnlm.cli.options import add_config_arguments, config_from_args
+from knnlm.cli.options import add_config_arguments, config_from_args, key_values
 from knnlm.datastore.build import DatastoreBuildConfig
 from knnlm.datastore.index import IndexBuildConfig
+from knnlm.errors import KnnlmError
 from knnlm.evaluation.dump import LMDumpConfig, RetrievalConfig
 
 
@@ -48,3 +49,11 @@ def test_the_cli_options_are_the_configs_fields():
     assert options("eval", "dump") == {f.name for f in dataclasses.fields(LMDumpConfig)}
     assert options("eval", "retrieve") == {f.name for f in dataclasses.fields(RetrievalConfig)}
     assert options("index", "build") == {f.name for f in dataclasses.fields(IndexBuildConfig)} - {"train_only"}
+
+
+def test_key_values_keep_numbers_and_null_and_name_the_option_of_a_bad_item():
+    assert key_values(["seed=1", "tau=0.5", "cache=full", "x=null", "eq=a=b"], "--label", "seed=1") == {
+        "seed": 1, "tau": 0.5, "cache": "full", "x": None, "eq": "a=b"}
+    for bad in ("seed", "=1"):
+        with pytest.raises(KnnlmError, match=r"--where '.*' must be KEY=VALUE \(e\.g\. split=valid\)"):
+            key_values([bad], "--where", "split=valid")

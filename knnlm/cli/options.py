@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import types
 import typing
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
+
+from knnlm.errors import KnnlmError
 
 Config = TypeVar("Config")
 
@@ -35,6 +38,20 @@ def _unwrap_optional(hint: Any) -> Any:
 def comma_list(text: str) -> list[str]:
     """``a,b`` -> ``["a", "b"]`` (empty items dropped)."""
     return [item.strip() for item in str(text).split(",") if item.strip()]
+
+
+def key_values(items: Iterable[str], option: str, example: str) -> dict[str, Any]:
+    """``KEY=VALUE`` strings to a dict; values are JSON when they parse (numbers, null), else text."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise KnnlmError(f"{option} {item!r} must be KEY=VALUE (e.g. {example})")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
 
 
 def _default(field: dataclasses.Field) -> Any:

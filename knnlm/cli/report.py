@@ -14,28 +14,19 @@ in); ``--strict`` turns any of them into an error.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
+from knnlm.cli.options import key_values
 from knnlm.errors import KnnlmError
 
 logger = logging.getLogger(__name__)
 
 
 def parse_where(items: list[str]) -> dict[str, Any]:
-    """``KNOB=VALUE`` strings to constraints; values are JSON when they parse (numbers, null), else text."""
-    where: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise KnnlmError(f"--where {item!r} must be KNOB=VALUE (e.g. split=valid, labels.seed=1)")
-        try:
-            where[key] = json.loads(value)
-        except ValueError:
-            where[key] = value
-    return where
+    """``KNOB=VALUE`` constraints; numbers and null are JSON, anything else text."""
+    return key_values(items, "--where", "split=valid, labels.seed=1")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -18,13 +18,13 @@ one job)::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from knnlm.cli.configs import config_dir
+from knnlm.cli.options import key_values
 from knnlm.errors import KnnlmError
 from knnlm.evaluation.cache import KEY_TYPES, SIMILARITIES, SOURCES, Cache
 from knnlm.evaluation.score import SPLITS, TUNE, ScoreSetting, check_settings, expand_grid, score_grid
@@ -102,16 +102,7 @@ def parse_labels(items: Iterable[str] | Mapping[str, Any] | None) -> dict[str, A
         return {}
     if isinstance(items, Mapping):
         return dict(items)
-    labels: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise KnnlmError(f"--label {item!r} must be KEY=VALUE")
-        try:
-            labels[key] = json.loads(value)
-        except ValueError:
-            labels[key] = value
-    return labels
+    return key_values(items, "--label", "seed=1")
 
 
 def build_settings(options: Mapping[str, Any]) -> list[ScoreSetting]:
