@@ -50,9 +50,11 @@ evaluate it anew). KEEP_NEIGHBOURS=all keeps every model's neighbours.
 
 Outputs: checkpoints/ton2022-<scale>/<dataset>/<name>/ (train.log, checkpoint_best.pt),
 runs/ton2022-<scale>/<dataset>/<name>/ (pipeline), <out>/results.jsonl, <out>/training.tsv, <out>/report.md,
+<out>/models/<dataset>.<name>.{jsonl,tsv,log} (result lines, training facts, end-of-epoch log lines),
+<out>/training/ (knnlm analyze training: validation perplexity and key norm by epoch of every finished model),
 <out>/temperature/ (knnlm analyze temperature over the first seed's models, with the ω = 0 LM shared),
 <out>/analyses/ (Figure 2 and the clustering analysis, ω = 0 vs ω = 1); with two datasets the last
-two folders get a -<dataset> suffix.
+three folders get a -<dataset> suffix.
 Environment: EPOCHS, PATIENCE, MIN_GAIN, EVAL_LIMIT, KEEP_NEIGHBOURS (first-seed|all), GPUS (paper: GPUs per training; default all that nvidia-smi
 lists), WIKI2_MAX_UPDATE/WIKI2_WARMUP (paper WikiText-2 schedule), and the variables of
 scripts/knnlm_pipeline.sh.
@@ -132,6 +134,10 @@ keeps_neighbours() {  # criterion seed: true if the analyses need this model's r
   [ "$KEEP_NEIGHBOURS" = all ] || { [ "$1" = activation_l2 ] && [ "$2" = "${FIRST_SEED:-1}" ]; }
 }
 
+keep_epoch_lines() {  # checkpoint-dir kept-prefix: the training log's end-of-epoch lines (the curves' input)
+  grep -F -e '| train |' -e '| valid |' "$1/train.log" > "$2.log" || true
+}
+
 run_one() {  # dataset criterion omega seed: train (or reuse), evaluate, keep the run's result lines
   local dataset=$1 criterion=$2 omega=$3 seed=$4 name ckpt_dir run_dir ppl kept
   name=w$omega-s$seed
@@ -142,6 +148,7 @@ run_one() {  # dataset criterion omega seed: train (or reuse), evaluate, keep th
   train_lm "$(recipe_of "$dataset")" "data-bin/$dataset" "$ckpt_dir" "$omega" "$seed" "$criterion"
   if [ -f "$kept.jsonl" ] && [ -f "$kept.tsv" ] && ! keeps_neighbours "$criterion" "$seed"; then
     echo "$name is evaluated already ($kept.jsonl; delete it to evaluate again)"
+    [ -s "$kept.log" ] || keep_epoch_lines "$ckpt_dir" "$kept"
     return 0
   fi
   ppl=$(train_ppl "$ckpt_dir/train.log")
@@ -161,6 +168,7 @@ run_one() {  # dataset criterion omega seed: train (or reuse), evaluate, keep th
   best=$(best_valid "$ckpt_dir/train.log")
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$dataset" "$criterion" "$omega" "$seed" \
     "$(train_seconds "$ckpt_dir")" "${best% *}" "${best#* }" "${ppl:-}" > "$kept.tsv"
+  keep_epoch_lines "$ckpt_dir" "$kept"
   if ! keeps_neighbours "$criterion" "$seed"; then
     rm -rf "$run_dir/cache/valid/knn" "$run_dir/cache/test/knn"
     echo "deleted the retrieved neighbours of $name (its lines are kept; KEEP_NEIGHBOURS=all keeps them)"
@@ -186,6 +194,20 @@ echo "report: $OUT_DIR/report.md (table: $OUT_DIR/ton2022_table.md)"
 
 analysis_dir() {  # dataset name: the folder of one analysis of the dataset's models
   if [ ${#DATASET_LIST[@]} -eq 1 ]; then echo "$OUT_DIR/$2"; else echo "$OUT_DIR/$2-$1"; fi
+}
+
+training_curves() {  # dataset: validation perplexity and key norm by epoch of its finished models
+  local args=() tsv criterion omega label
+  for tsv in "$OUT_DIR/models/$1".*.tsv; do
+    [ -s "${tsv%.tsv}.log" ] || continue
+    IFS=$'\t' read -r _ criterion omega _ < "$tsv"
+    label="ω=$omega"
+    [ "$criterion" = activation_l2 ] || label="$criterion ω=$omega"
+    args+=(--log "${tsv%.tsv}.log" --label "$label")
+  done
+  [ ${#args[@]} -gt 0 ] || return 0
+  step "training curves of $((${#args[@]} / 4)) models -> $(analysis_dir "$1" training)"
+  knnlm analyze training "${args[@]}" --out "$(analysis_dir "$1" training)"
 }
 
 evaluated() {  # dataset name: true once the model's result lines are kept and its caches are on disk
@@ -218,4 +240,7 @@ run_analyses() {  # dataset: the ω/τ question over the first seed's models; Fi
   knnlm analyze clustering "${pair[@]}"
 }
 
-for dataset in "${DATASET_LIST[@]}"; do run_analyses "$dataset"; done
+for dataset in "${DATASET_LIST[@]}"; do
+  training_curves "$dataset"
+  run_analyses "$dataset"
+done

@@ -248,8 +248,15 @@ def test_ton2022_small_trains_each_omega_once_and_labels_its_results(sandbox):
     )
     out = sandbox / "results" / "ton2022-small"
     rel = "results/ton2022-small"
-    assert log[-1] == f"knnlm report {rel}/results.jsonl --out {rel} --only ton2022_table,ton2022_figure1"
+    assert log[-2:] == [
+        f"knnlm report {rel}/results.jsonl --out {rel} --only ton2022_table,ton2022_figure1",
+        f"knnlm analyze training --log {rel}/models/wikitext-2.w0-s1.log --label ω=0 "
+        f"--log {rel}/models/wikitext-2.w0.1-s1.log --label ω=0.1 --out {rel}/training",
+    ]
     assert len((out / "results.jsonl").read_text().splitlines()) == 2
+    # each model's end-of-epoch log lines are kept beside its result lines (two epochs: 4 lines)
+    epoch_lines = (out / "models" / "wikitext-2.w0-s1.log").read_text().splitlines()
+    assert len(epoch_lines) == 4 and all(" | train | " in x or " | valid | " in x for x in epoch_lines)
     # one row of training facts per finished model, kept beside its result lines
     rows = (out / "training.tsv").read_text().splitlines()
     assert rows[0].split("\t")[:4] == ["dataset", "criterion", "omega", "seed"] and len(rows) == 3
@@ -313,15 +320,21 @@ def test_ton2022_report_only_renders_the_finished_models_and_runs_nothing_else(s
     out = sandbox / "results" / "ton2022-small"
     assert calls(sandbox)[before:] == [
         "knnlm report results/ton2022-small/results.jsonl --out results/ton2022-small "
-        "--only ton2022_table,ton2022_figure1"
+        "--only ton2022_table,ton2022_figure1",
+        "knnlm analyze training --log results/ton2022-small/models/wikitext-2.w0-s1.log --label ω=0 "
+        "--out results/ton2022-small/training",
     ]
+    # a model evaluated before its log lines were kept gets them on the next run
+    (out / "models" / "wikitext-2.w0-s1.log").unlink()
+    assert run_script(sandbox, "repo/scripts/ton2022.sh", "--scale", "small", "--omegas", "0").returncode == 0
+    assert (out / "models" / "wikitext-2.w0-s1.log").stat().st_size > 0
     assert len((out / "training.tsv").read_text().splitlines()) == 2
 
 
 def test_ton2022_runs_the_omega_tau_question_over_the_evaluated_first_seed_models(sandbox):
     assert run_script(sandbox, "repo/scripts/ton2022.sh", "--scale", "small", "--omegas", "0 1 10").returncode == 0
-    # the stub pipeline leaves no caches: nothing to analyse yet
-    assert not [c for c in calls(sandbox) if c.startswith("knnlm analyze")]
+    # the stub pipeline leaves no caches: nothing to analyse yet but the training curves
+    assert not [c for c in calls(sandbox) if c.startswith("knnlm analyze") and "analyze training" not in c]
     runs = sandbox / "runs" / "ton2022-small" / "wikitext-2"
     for name in ("w0-s1", "w1-s1"):  # ω = 10 stays without caches (e.g. deleted to save disk)
         for split in ("valid", "test"):
@@ -337,7 +350,7 @@ def test_ton2022_runs_the_omega_tau_question_over_the_evaluated_first_seed_model
     )
     pair = (f"--cache {r}/w0-s1/cache/valid --cache {r}/w1-s1/cache/valid --label ω=0 --label ω=1 "
             "--data-bin data-bin/wikitext-2 --lambda 0.3 --out results/ton2022-small/analyses")
-    assert calls(sandbox)[before + 1 :] == [
+    assert calls(sandbox)[before + 2 :] == [
         f"knnlm analyze temperature {models} --shared-lm-cache {r}/w0-s1/cache/valid "
         f"--shared-lm-test-cache {r}/w0-s1/cache/test --data-bin data-bin/wikitext-2 "
         "--out results/ton2022-small/temperature",

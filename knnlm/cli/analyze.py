@@ -7,6 +7,7 @@
     knnlm analyze stolen     --weights checkpoint.pt [--data-bin D] --out OUT
     knnlm analyze temperature --cache V0 --cache V1 --label 'ω=0' --label 'ω=1' [--test-cache T0 ...]
                              [--datastore D0 ...] [--checkpoint C0 ...] [--shared-lm-cache V0] --out OUT
+    knnlm analyze training   --log ckpt0/train.log --log ckpt1/train.log --label 'ω=0' --label 'ω=1' --out OUT
 
 Each writes ``OUT/<name>.png``, ``OUT/<name>.csv`` and, last, ``OUT/<name>.json``
 (every setting and summary number). The kNN-LM part uses one retrieval of each
@@ -54,10 +55,11 @@ ANALYSES: dict[str, tuple[str, str, str]] = {
         "TemperatureConfig",
         "key/query scale and kNN-LM perplexity over a τ grid: is ω's gain a temperature?",
     ),
+    "training": ("training", "TrainingConfig", "validation perplexity and key norm by epoch, from fairseq logs"),
 }
 
 #: options that hold one value per compared model
-LIST_OPTIONS = ("caches", "labels", "valid_caches", "test_caches", "datastores", "checkpoints")
+LIST_OPTIONS = ("caches", "labels", "valid_caches", "test_caches", "datastores", "checkpoints", "logs")
 
 #: options that name files: made absolute against the launch directory in the hydra app
 PATH_OPTIONS = (
@@ -68,6 +70,7 @@ PATH_OPTIONS = (
     "test_caches",
     "datastores",
     "checkpoints",
+    "logs",
     "dictionary",
     "data_bin",
     "text",
@@ -339,6 +342,15 @@ def _temperature(parser: argparse.ArgumentParser) -> None:
     _out(parser, a)
 
 
+def _training(parser: argparse.ArgumentParser) -> None:
+    a = "training"
+    _add(parser, a, "--log", "logs", "fairseq-train log of one model (repeat)", action="append", required=True,
+         metavar="FILE")
+    _add(parser, a, "--label", "labels", "label of each --log, in order; seeds of one setting share one",
+         action="append", metavar="TEXT")
+    _out(parser, a)
+
+
 _BUILDERS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "frequency": _frequency,
     "clustering": _clustering,
@@ -346,6 +358,7 @@ _BUILDERS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "position": _position,
     "stolen": _stolen,
     "temperature": _temperature,
+    "training": _training,
 }
 
 
@@ -353,7 +366,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``analyze`` sub-command and one sub-command per analysis."""
     parser = subparsers.add_parser(
         "analyze",
-        help="analyses and figures: frequency/loss, clustering, benefiting tokens, position, stolen probabilities",
+        help="analyses and figures: frequency/loss, clustering, benefiting tokens, position, stolen probabilities, "
+        "temperature, training curves",
         description="The papers' analyses as PNG figures plus the numbers behind them: OUT/<name>.png, "
         "OUT/<name>.csv and, written last, OUT/<name>.json. See `knnlm analyze ANALYSIS --help`.",
     )
