@@ -57,3 +57,25 @@ def test_key_values_keep_numbers_and_null_and_name_the_option_of_a_bad_item():
     for bad in ("seed", "=1"):
         with pytest.raises(KnnlmError, match=r"--where '.*' must be KEY=VALUE \(e\.g\. split=valid\)"):
             key_values([bad], "--where", "split=valid")
+
+
+@dataclasses.dataclass
+class _Job:
+    size: int = 1
+    name: str = "x"
+
+
+def test_a_schema_app_takes_key_value_overrides_and_turns_errors_into_status_2(tmp_path, monkeypatch, capsys):
+    from knnlm.cli.configs import run_schema_app
+
+    monkeypatch.chdir(tmp_path)  # hydra writes its outputs/ folder here
+    monkeypatch.setattr("sys.argv", ["app", "size=3", "name=y"])
+    assert run_schema_app("schema_app_test", _Job, lambda cfg: f"{cfg.name}:{cfg.size * 2}", "knnlm job") == 0
+    assert capsys.readouterr().out.strip().endswith("y:6")
+
+    def fails(cfg: _Job) -> str:
+        raise KnnlmError(f"size {cfg.size} is too small")
+
+    monkeypatch.setattr("sys.argv", ["app", "size=0"])
+    assert run_schema_app("schema_app_test", _Job, fails, "knnlm job") == 2
+    assert "knnlm job: error: size 0 is too small" in capsys.readouterr().err

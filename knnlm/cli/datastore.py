@@ -13,11 +13,11 @@ import argparse
 import json
 import sys
 
+from knnlm.cli.configs import run_schema_app
 from knnlm.cli.options import add_config_arguments, config_from_args
 from knnlm.datastore.build import DatastoreBuildConfig, build_datastore, build_summary
 from knnlm.datastore.shards import merge_datastores
 from knnlm.datastore.store import Datastore
-from knnlm.errors import KnnlmError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -68,24 +68,10 @@ def _info(args: argparse.Namespace) -> None:
 
 def hydra_main() -> int:
     """``python -m knnlm.cli.datastore key=value ...``: the build as a hydra app."""
-    import hydra
-    from hydra.core.config_store import ConfigStore
-    from omegaconf import DictConfig, OmegaConf
+    def job(cfg: DatastoreBuildConfig) -> str:
+        return build_summary(build_datastore(cfg))
 
-    ConfigStore.instance().store(name="datastore_build", node=DatastoreBuildConfig)
-    status = 0
-
-    @hydra.main(version_base=None, config_path=None, config_name="datastore_build")
-    def app(cfg: DictConfig) -> None:
-        nonlocal status
-        try:
-            print(build_summary(build_datastore(OmegaConf.to_object(cfg))))
-        except KnnlmError as err:
-            print(f"knnlm datastore build: error: {err}", file=sys.stderr)
-            status = 2
-
-    app()
-    return status
+    return run_schema_app("datastore_build", DatastoreBuildConfig, job, "knnlm datastore build")
 
 
 if __name__ == "__main__":

@@ -11,12 +11,12 @@ import argparse
 import json
 import sys
 
+from knnlm.cli.configs import run_schema_app
 from knnlm.cli.options import add_config_arguments, config_from_args
 from knnlm.datastore.index import IndexBuildConfig, build_index, index_info
 from knnlm.datastore.shards import merge_index_ondisk
 from knnlm.datastore.similarity import SIMILARITIES
 from knnlm.datastore.store import Datastore
-from knnlm.errors import KnnlmError
 
 
 def _add_build_options(parser: argparse.ArgumentParser, train_only: bool) -> None:
@@ -76,24 +76,7 @@ def _info(args: argparse.Namespace) -> None:
 
 def hydra_main() -> int:
     """``python -m knnlm.cli.index key=value ...``: ``index build`` as a hydra app."""
-    import hydra
-    from hydra.core.config_store import ConfigStore
-    from omegaconf import DictConfig, OmegaConf
-
-    ConfigStore.instance().store(name="index_build", node=IndexBuildConfig)
-    status = 0
-
-    @hydra.main(version_base=None, config_path=None, config_name="index_build")
-    def app(cfg: DictConfig) -> None:
-        nonlocal status
-        try:
-            print(build_index(OmegaConf.to_object(cfg)))
-        except KnnlmError as err:
-            print(f"knnlm index build: error: {err}", file=sys.stderr)
-            status = 2
-
-    app()
-    return status
+    return run_schema_app("index_build", IndexBuildConfig, build_index, "knnlm index build")
 
 
 if __name__ == "__main__":
