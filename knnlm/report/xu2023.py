@@ -26,6 +26,14 @@ _MASK_SCORE = (
     ("real", "real", "real mask, real score"),
 )
 
+#: the kNN part alone, the kNN-LM, the oracle mix and the λ tuned on valid (Tables 1 and 3)
+_KNN_COLUMNS = (
+    Column("PPL", "knn_ppl", zero_mass="knn_zero_mass"),
+    Column("Interp. PPL", "interp_ppl"),
+    Column("Oracle", "oracle_ppl"),
+    Column("λ", "lambda_used"),
+)
+
 TABLE1 = TableSpec(
     name="xu2023_table1",
     title="Table 1: key representation h_ds and similarity ⊗ (kNN-only, interpolated and oracle perplexity)",
@@ -35,12 +43,7 @@ TABLE1 = TableSpec(
         for key_type in ("att", "ffn")
         for sim in ("l2", "ip")
     ),
-    columns=(
-        Column("PPL", "knn_ppl", zero_mass="knn_zero_mass"),
-        Column("Interp. PPL", "interp_ppl"),
-        Column("Oracle", "oracle_ppl"),
-        Column("λ", "lambda_used"),
-    ),
+    columns=_KNN_COLUMNS,
     fixed={**BASE, "mask_source": "faiss", "score_source": "faiss"},
     base_lm=Column("PPL", "lm_ppl"),
     note="PPL is the kNN component alone; λ is tuned on validation.",
@@ -51,12 +54,7 @@ TABLE3 = TableSpec(
     title="Table 3: approximate (FAISS) vs exact (real) neighbour masks and scores",
     label_headers=("Mask / score",),
     rows=tuple(Row((label,), {"mask_source": m, "score_source": s}) for m, s, label in _MASK_SCORE),
-    columns=(
-        Column("PPL", "knn_ppl", zero_mass="knn_zero_mass"),
-        Column("Interp. PPL", "interp_ppl"),
-        Column("Oracle", "oracle_ppl"),
-        Column("λ", "lambda_used"),
-    ),
+    columns=_KNN_COLUMNS,
     fixed={**BASE, "key_type": "att", "similarity": "l2"},
     base_lm=Column("PPL", "lm_ppl"),
     note="Real score with a FAISS mask: exact similarities of FAISS's neighbours, kept in FAISS's order.",
