@@ -153,7 +153,7 @@ def test_capture_refuses_a_non_transformer():
         KeyCapture(torch.nn.Linear(2, 2))
     capture = KeyCapture.__new__(KeyCapture)
     capture._store = {}
-    with pytest.raises(RuntimeError, match="run a decoder forward first"):
+    with pytest.raises(RuntimeError, match="run a forward first"):
         capture.pop("att")
     with pytest.raises(ValueError, match="unknown key type"):
         capture.pop("query")

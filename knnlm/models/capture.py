@@ -29,7 +29,46 @@ KeyType = Literal["att", "ffn"]
 KEY_TYPES: tuple[KeyType, ...] = ("att", "ffn")
 
 
-class KeyCapture:
+class HookedKeys:
+    """What every key capture shares: the hooks' handles and the last forward's ``att``/``ffn`` tensors.
+
+    Subclasses register forward hooks that fill ``self._store`` (batch-first tensors).
+    """
+
+    def __init__(self) -> None:
+        self._store: dict[str, Tensor] = {}
+        self._handles: list = []
+
+    def pop(self, key_type: KeyType) -> Tensor:
+        """Return the representation captured by the last forward and forget it."""
+        if key_type not in KEY_TYPES:
+            raise ValueError(f"unknown key type {key_type!r}; choose one of {KEY_TYPES}")
+        if key_type not in self._store:
+            raise RuntimeError(f"no {key_type!r} representation captured: run a forward first")
+        return self._store.pop(key_type)
+
+    def pop_all(self) -> dict[str, Tensor]:
+        """Return ``{"att": ..., "ffn": ...}`` from the last forward and forget them."""
+        return {key: self.pop(key) for key in KEY_TYPES}
+
+    def clear(self) -> None:
+        self._store.clear()
+
+    def remove(self) -> None:
+        """Detach the hooks from the model."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._store.clear()
+
+    def __enter__(self) -> HookedKeys:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+class KeyCapture(HookedKeys):
     """Records ``att`` and ``ffn`` (batch-first, ``B x T x C``) on every decoder forward.
 
     Usage::
@@ -49,7 +88,7 @@ class KeyCapture:
                 f"KeyCapture needs a fairseq TransformerDecoder with layers that have "
                 f"an fc1 module; got {type(decoder).__name__}"
             )
-        self._store: dict[str, Tensor] = {}
+        super().__init__()
         last = layers[-1]
         self._handles = [last.fc1.register_forward_pre_hook(self._save_att)]
         if getattr(decoder, "project_out_dim", None) is not None:
@@ -71,34 +110,6 @@ class KeyCapture:
 
     def _save_ffn_layer_output(self, module: nn.Module, inputs: tuple, output: tuple) -> None:
         self._store["ffn"] = output[0].transpose(0, 1)
-
-    def pop(self, key_type: KeyType) -> Tensor:
-        """Return the representation captured by the last forward and forget it."""
-        if key_type not in KEY_TYPES:
-            raise ValueError(f"unknown key type {key_type!r}; choose one of {KEY_TYPES}")
-        if key_type not in self._store:
-            raise RuntimeError(f"no {key_type!r} representation captured: run a decoder forward first")
-        return self._store.pop(key_type)
-
-    def pop_all(self) -> dict[str, Tensor]:
-        """Return ``{"att": ..., "ffn": ...}`` from the last forward and forget them."""
-        return {key: self.pop(key) for key in KEY_TYPES}
-
-    def clear(self) -> None:
-        self._store.clear()
-
-    def remove(self) -> None:
-        """Detach the hooks from the decoder."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        self._store.clear()
-
-    def __enter__(self) -> KeyCapture:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
 
 
 def key_dim(decoder: nn.Module, key_type: KeyType) -> int:

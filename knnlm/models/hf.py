@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from knnlm.errors import KnnlmError
 from knnlm.io import dictionary_fingerprint, fingerprint, sha256_files
 from knnlm.models.base_lm import SplitTokens
+from knnlm.models.capture import HookedKeys
 from knnlm.models.hf_text import find_split_file, read_lines, tokenize_lines
 from knnlm.models.windows import TokenStream
 
@@ -154,12 +155,12 @@ def find_layout(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     )
 
 
-class HFKeyCapture:
+class HFKeyCapture(HookedKeys):
     """Records ``att`` (MLP input of the last layer) and ``ffn`` (final norm output), batch-first."""
 
     def __init__(self, model: nn.Module) -> None:
         mlp, norm = find_layout(model)
-        self._store: dict[str, Tensor] = {}
+        super().__init__()
         self._handles = [
             mlp.register_forward_pre_hook(self._save_att, with_kwargs=True),
             norm.register_forward_hook(self._save_ffn),
@@ -170,20 +171,6 @@ class HFKeyCapture:
 
     def _save_ffn(self, module: nn.Module, inputs: tuple, output: Tensor) -> None:
         self._store["ffn"] = output[0] if isinstance(output, tuple) else output
-
-    def pop(self, key_type: str) -> Tensor:
-        if key_type not in self._store:
-            raise RuntimeError(f"no {key_type!r} representation captured: run a forward first")
-        return self._store.pop(key_type)
-
-    def clear(self) -> None:
-        self._store.clear()
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        self._store.clear()
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
