@@ -31,3 +31,17 @@ def test_user_errors_are_one_line_and_verbose_shows_the_traceback(tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and "error:" in proc.stderr and missing in proc.stderr
     verbose = knnlm("-v", "datastore", "info", missing)
     assert verbose.returncode != 0 and "Traceback" in verbose.stderr
+
+
+@pytest.mark.parametrize(
+    ("module", "inputs"),
+    [("knnlm.cli.index", ["datastore=nope"]), ("knnlm.cli.datastore", ["checkpoint=nope.pt", "data=."])],
+)
+def test_the_hydra_apps_start_as_quietly(module, inputs, tmp_path):
+    """`python -m knnlm.cli.<job>` imports fairseq and faiss before hydra starts: no chatter from them either."""
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *inputs, "out=x", f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and ": error: " in proc.stderr, proc.stderr
