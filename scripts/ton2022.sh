@@ -55,7 +55,8 @@ runs/ton2022-<scale>/<dataset>/<name>/ (pipeline), <out>/results.jsonl, <out>/tr
 <out>/temperature/ (knnlm analyze temperature over the first seed's models, with the ω = 0 LM shared),
 <out>/analyses/ (Figure 2 and the clustering analysis, ω = 0 vs ω = 1); with two datasets the last
 three folders get a -<dataset> suffix.
-Environment: EPOCHS, PATIENCE, MIN_GAIN, EVAL_LIMIT, KEEP_NEIGHBOURS (first-seed|all), GPUS (paper: GPUs per training; default all that nvidia-smi
+Environment: EPOCHS, PATIENCE, MIN_GAIN, EVAL_LIMIT, KEEP_NEIGHBOURS (first-seed|all), TEMPERATURES (every model's
+τ sweep, default 0.001-0.05 then scripts/lib.sh default_temperatures), GPUS (paper: GPUs per training; default all that nvidia-smi
 lists), WIKI2_MAX_UPDATE/WIKI2_WARMUP (paper WikiText-2 schedule), and the variables of
 scripts/knnlm_pipeline.sh.
 EOF
@@ -122,11 +123,15 @@ recipe_of() {  # dataset: the training recipe of set_train_args at this scale
   if [ "$SCALE" = small ]; then echo small; elif [ "$1" = wikitext-2 ]; then echo wiki2; else echo wiki103; fi
 }
 
+# every model's τ sweep (the table's tuned-τ column), down to 0.001: keys shrunk by ω = 1 are best near 0.002
+TAU_SWEEP=${TEMPERATURES:-0.001,0.002,0.005,0.01,0.02,0.05,$(default_temperatures)}
+
 pipeline_settings() {  # the scripts/knnlm_pipeline.sh variables of this scale (att keys, L2 only)
   if [ "$SCALE" = small ]; then
-    echo "TPS=256 CW=128 FACTORY=IVF2048,PQ32 TRAIN_SIZE=200000 NPROBE=32 EVAL_LIMIT=${EVAL_LIMIT:-}"
+    echo "TPS=256 CW=128 FACTORY=IVF2048,PQ32 TRAIN_SIZE=200000 NPROBE=32 EVAL_LIMIT=${EVAL_LIMIT:-} TEMPERATURES=$TAU_SWEEP"
   else
-    echo "TPS=3072 CW=1536 FACTORY=IVF4096,PQ64 TRAIN_SIZE=1000000 NPROBE=32 EVAL_LIMIT=${EVAL_LIMIT:-}"
+    echo "TPS=3072 CW=1536 FACTORY=IVF4096,PQ64 TRAIN_SIZE=1000000 NPROBE=32 EVAL_LIMIT=${EVAL_LIMIT:-}" \
+      "TEMPERATURES=$TAU_SWEEP"
   fi
 }
 

@@ -24,6 +24,7 @@ from .test_report import PNG_MAGIC, result, write_lines
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
 PARTS = ["ton2022_table", "ton2022_figure1"]
+TAUS = "0.1:3.0:0.1,4,5,7,10,15,20,30,50,100"  # scripts/lib.sh default_temperatures
 
 # (ω, seed): train ppl, LM ppl, kNN-LM at tuned λ, tuned λ, kNN-LM at λ=0.3 (None: no λ=0.3 line)
 RUNS = {
@@ -31,6 +32,16 @@ RUNS = {
     (0, 2): (64.0, 77.0, 75.0, 0.35, 75.4),
     (1, 1): (61.0, 76.2, 70.5, 0.30, None),
     (1, 2): (61.0, 76.4, 70.9, 0.30, None),
+}
+
+
+# (ω, seed): valid perplexity at τ = 0.5, 1, 2, 5: best at τ 2 and 5 (ω=0), at 0.5 (ω=1; the sweep's edge)
+SWEEP_TAUS = (0.5, 1.0, 2.0, 5.0)
+SWEEPS = {
+    (0, 1): (80.0, 74.0, 70.0, 72.0),
+    (0, 2): (81.0, 75.0, 73.0, 71.0),
+    (1, 1): (69.0, 70.5, 72.0, 75.0),
+    (1, 2): (69.5, 70.9, 72.0, 75.0),
 }
 
 
@@ -46,7 +57,10 @@ def ton_lines(dataset: str = "wikitext-2") -> list[dict]:
             records.append(result({"lm_ppl": lm, "interp_ppl": fixed, "lambda_used": 0.3}, **knobs, **{"lambda": 0.3}))
         # other λ, the test split and the ffn key: never in the table
         records.append(result({"lm_ppl": lm, "interp_ppl": 1.0, "lambda_used": 0.25}, **knobs, **{"lambda": 0.25}))
-        records.append(result({"lm_ppl": 1.0, "interp_ppl": 1.0}, **{**knobs, "split": "test"}))
+        # the τ sweep: test-split lines that carry the valid perplexity at each τ (λ tuned at each)
+        for tau, valid in zip(SWEEP_TAUS, SWEEPS[omega, seed], strict=True):
+            sweep = {**knobs, "split": "test", "temperature": tau}
+            records.append(result({"lm_ppl": 1.0, "interp_ppl": 1.0, "valid_interp_ppl": valid}, **sweep))
         records.append(result({"lm_ppl": lm, "interp_ppl": 1.0}, key_type="ffn", **knobs))
     return records
 
@@ -63,17 +77,24 @@ def test_table_shows_mean_std_over_seeds_and_reports_missing(tmp_path):
     md = table.markdown
     # ω=0: train 60, 64 -> 62.00 ± 2.83; LM 76, 77 -> 76.50 ± 0.71; λ=0.3: 74.2, 75.4 -> 74.80 ± 0.85;
     # tuned: 74, 75 -> 74.50 ± 0.71 with λ 0.25, 0.35 -> 0.30 ± 0.07
+    # tuned τ: 70 (τ 2) and 71 (τ 5) -> 70.50 ± 0.71
     assert (
         "| 0 | 2 (1, 2) | 62.00 ± 2.83 (n=2) | 76.50 ± 0.71 (n=2) | 74.80 ± 0.85 (n=2) | 74.50 ± 0.71 (n=2) "
-        "| 0.30 ± 0.07 (n=2) |" in md
+        "| 0.30 ± 0.07 (n=2) | 70.50 ± 0.71 (n=2) | 2, 5 (edge) |" in md
     )
-    # ω=1: no λ=0.3 line for either seed -> "missing", never filled from another λ
-    assert "| 1 | 2 (1, 2) | 61.00 ± 0.00 (n=2) | 76.30 ± 0.14 (n=2) | missing | 70.70 ± 0.28 (n=2) |" in md
-    assert "| 0.1 | 0 | missing | missing | missing | missing | missing |" in md
+    # ω=1: no λ=0.3 line for either seed -> "missing", never filled from another λ; tuned τ: 69, 69.5 at τ 0.5
+    assert (
+        "| 1 | 2 (1, 2) | 61.00 ± 0.00 (n=2) | 76.30 ± 0.14 (n=2) | missing | 70.70 ± 0.28 (n=2) | 0.30 ± 0.00 (n=2) "
+        "| 69.25 ± 0.35 (n=2) | 0.5 (edge), 0.5 (edge) |" in md
+    )
+    assert "| 0.1 | 0 | missing | missing | missing | missing | missing | – | – |" in md
     assert "WIKI-2 (the paper's Table 1; labels.dataset=wikitext-2)" in md and "74.11 at ω=0 → 70.63 at ω=1" in md
+    edge = "the optimum may lie beyond it"
     assert table.missing == [
+        f"ω=0, tuned τ: at the edge of the τ sweep (seed 2: 0.5–5); {edge}",
         "ω=0.1: no line with labels.dataset=wikitext-2, labels.omega=0.1, lambda=tune or 0.3 (and the fixed knobs)",
         "ω=1, kNN-LM λ=0.3: no line with labels.dataset=wikitext-2, labels.omega=1, lambda=0.3 (and the fixed knobs)",
+        f"ω=1, tuned τ: at the edge of the τ sweep (seed 1: 0.5–5; seed 2: 0.5–5); {edge}",
         "ω=10: no line with labels.dataset=wikitext-2, labels.omega=10, lambda=tune or 0.3 (and the fixed knobs)",
     ]
     assert (tmp_path / "out" / "ton2022_table.md").read_text() == md
@@ -88,6 +109,23 @@ def test_a_seed_without_a_line_is_flagged_and_where_overrides(tmp_path):
     one_seed = render(tmp_path / "w", ton_lines(), **{"labels.seed": 1, "labels.omega": [0, 1]})["ton2022_table"]
     assert "| 0 | 1 (1) | 60.00 | 76.00 | 74.20 | 74.00 | 0.25 |" in one_seed.markdown
     assert "| 0.1 |" not in one_seed.markdown and "labels.seed=1" in one_seed.markdown
+
+
+def test_tuned_tau_is_chosen_on_valid_per_seed_and_a_missing_sweep_is_said(tmp_path):
+    # without ω=1 seed 2's sweep, and with ω=0 seed 1 retrained (a new checkpoint): only its new sweep counts
+    records = [r for r in ton_lines() if not (r["knobs"]["split"] == "test" and r["knobs"]["labels"]["omega"] == 1
+                                              and r["knobs"]["labels"]["seed"] == 2)]
+    retrained = [dict(r, knobs={**r["knobs"], "checkpoint": "sha256:retrained"}) for r in ton_lines()
+                 if r["knobs"]["labels"]["omega"] == 0 and r["knobs"]["labels"]["seed"] == 1]
+    for r in retrained:
+        if r["knobs"]["split"] == "test":
+            r["metrics"] = {**r["metrics"], "valid_interp_ppl": 90.0 - r["knobs"]["temperature"]}  # best at τ 5
+    table = render(tmp_path, records + retrained)["ton2022_table"]
+    assert "| 70.50 ± 0.71 (n=2) | 2, 5 (edge) |" not in table.markdown
+    assert "| 78.00 ± 9.90 (n=2) | 5 (edge), 5 (edge) |" in table.markdown  # 85 (retrained seed 1) and 71
+    assert "| 69.00 (n=1) | 0.5 (edge) |" in table.markdown
+    assert ("ω=1, kNN-LM tuned τ: no τ sweep (test-split lines with valid_interp_ppl) for seed(s) 2"
+            in table.missing)
 
 
 def test_lines_that_differ_in_an_unfixed_knob_are_ambiguous(tmp_path):
@@ -171,7 +209,8 @@ esac
 
 STUB_PIPELINE = """#!/usr/bin/env bash
 echo "pipeline CKPT=$CKPT DATA=$DATA OUT=$OUT KEY_TYPES=$KEY_TYPES METRICS=$METRICS TPS=$TPS \
-EVAL_LIMIT=${EVAL_LIMIT-unset} EXACT_LIMIT=$EXACT_LIMIT FACTORY=${FACTORY-unset} SCORE_ARGS=$SCORE_ARGS" >> "$CALLS"
+EVAL_LIMIT=${EVAL_LIMIT-unset} EXACT_LIMIT=$EXACT_LIMIT FACTORY=${FACTORY-unset} \
+TEMPERATURES=${TEMPERATURES-unset} SCORE_ARGS=$SCORE_ARGS" >> "$CALLS"
 mkdir -p "$OUT" && echo "{\\"run\\": \\"$OUT\\"}" > "$OUT/results.jsonl"
 """
 
@@ -199,7 +238,7 @@ def sandbox(tmp_path) -> Path:
 def run_script(repo: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     calls = repo.parent / "calls.log"
     environ = {**os.environ, "PATH": f"{repo.parent / 'bin'}:{os.environ['PATH']}", "CALLS": str(calls), **env}
-    for name in {"EVAL_LIMIT", "EXACT_LIMIT", "GPUS", "EPOCHS", "FACTORY"} - set(env):
+    for name in {"EVAL_LIMIT", "EXACT_LIMIT", "GPUS", "EPOCHS", "FACTORY", "TEMPERATURES"} - set(env):
         environ.pop(name, None)  # the caller's settings must not leak into the checked command lines
     return subprocess.run(["bash", *args], cwd=repo.parent, env=environ, capture_output=True, text=True, timeout=60)
 
@@ -243,7 +282,8 @@ def test_ton2022_small_trains_each_omega_once_and_labels_its_results(sandbox):
     assert pipelines[1] == (
         "pipeline CKPT=checkpoints/ton2022-small/wikitext-2/w0.1-s1/checkpoint_best.pt DATA=data-bin/wikitext-2 "
         "OUT=runs/ton2022-small/wikitext-2/w0.1-s1 KEY_TYPES=att METRICS=l2 TPS=256 EVAL_LIMIT= EXACT_LIMIT=0 "
-        "FACTORY=IVF2048,PQ32 SCORE_ARGS=--label omega=0.1 --label seed=1 --label dataset=wikitext-2 "
+        f"FACTORY=IVF2048,PQ32 TEMPERATURES=0.001,0.002,0.005,0.01,0.02,0.05,{TAUS} "
+        "SCORE_ARGS=--label omega=0.1 --label seed=1 --label dataset=wikitext-2 "
         "--label criterion=activation_l2 --label train_ppl=173.42"
     )
     out = sandbox / "results" / "ton2022-small"
@@ -270,7 +310,7 @@ def test_ton2022_small_trains_each_omega_once_and_labels_its_results(sandbox):
     assert (
         "pipeline CKPT=checkpoints/ton2022-small/wikitext-2/w0-s1/checkpoint_best.pt DATA=data-bin/wikitext-2 "
         "OUT=runs/xu2023-small KEY_TYPES=att,ffn METRICS=l2,ip TPS=256 EVAL_LIMIT= EXACT_LIMIT=20000 "
-        "FACTORY=IVF2048,PQ32 SCORE_ARGS=--label dataset=wikitext-2"
+        "FACTORY=IVF2048,PQ32 TEMPERATURES=unset SCORE_ARGS=--label dataset=wikitext-2"
     ) in log
     out = sandbox / "results" / "xu2023-small"
     assert [c for c in log if " --best " not in c][-1] == (
@@ -493,9 +533,6 @@ def test_xu2023_small_links_what_ton2022_built_and_keeps_its_own_results(sandbox
     # a second run keeps the links as they are
     assert run_script(sandbox, "repo/scripts/xu2023.sh", "--scale", "small", SUBSAMPLE_RATIOS="none").returncode == 0
     assert (run / "datastore/att").resolve() == (ton / "datastore/att").resolve()
-
-
-TAUS = "0.1:3.0:0.1,4,5,7,10,15,20,30,50,100"  # scripts/lib.sh default_temperatures
 
 
 def test_xu2023_reports_table3_and_figures_2_4_again_at_the_tau_tuned_on_valid(sandbox):

@@ -12,7 +12,7 @@ from knnlm.report import ton2022 as _ton2022  # noqa: F401  (registers the table
 from knnlm.report import xu2023  # noqa: F401  (registers the built-in tables and figures)
 from knnlm.report import xu2023_replacements as _xu2023_replacements  # noqa: F401  (Section 4, App. C, E)
 from knnlm.report.figures import FigureSpec, Series, figure_renderer, render_figure
-from knnlm.report.lines import ResultLine, best_setting, load_results, parse_line, pick, select
+from knnlm.report.lines import ResultLine, best_line, best_setting, load_results, parse_line, pick, select
 from knnlm.report.registry import RENDERERS, RenderContext, Rendered, Renderer, register
 from knnlm.report.render import render_report
 from knnlm.report.tables import Column, Row, TableSpec, render_table, table_renderer
@@ -28,6 +28,7 @@ __all__ = [
     "Row",
     "Series",
     "TableSpec",
+    "best_line",
     "best_setting",
     "figure_renderer",
     "load_results",

@@ -132,8 +132,8 @@ def differing_knobs(lines: Sequence[ResultLine], ignore: Iterable[str] = ()) -> 
     return [k for k in keys if any(not same_value(line.knobs.get(k), first.get(k)) for line in lines[1:])]
 
 
-def best_setting(lines: Sequence[ResultLine], where: Mapping[str, Any], knob: str, metric: str) -> Any:
-    """``knob``'s value on the matching line with the lowest finite ``metric`` (None when no line has both).
+def best_line(lines: Sequence[ResultLine], where: Mapping[str, Any], metric: str) -> ResultLine | None:
+    """The matching line with the lowest finite ``metric`` (None when no line has one).
 
     This is how a knob is tuned on valid from lines already written (e.g. τ by ``valid_interp_ppl``):
     re-runs of one setting count once (the last line read), and ties go to the first setting read.
@@ -141,15 +141,20 @@ def best_setting(lines: Sequence[ResultLine], where: Mapping[str, Any], knob: st
     latest: dict[tuple[tuple[str, str], ...], ResultLine] = {}
     for line in select(lines, where):
         latest[tuple(sorted((k, repr(v)) for k, v in line.knobs.items()))] = line
-    best: tuple[float, Any] | None = None
+    best: tuple[float, ResultLine] | None = None
     for line in latest.values():
         value = line.metric(metric)
-        is_number = isinstance(value, int | float) and not isinstance(value, bool)
-        if knob not in line.knobs or not is_number or not math.isfinite(value):
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
             continue
         if best is None or value < best[0]:
-            best = (value, line.knobs.get(knob))
+            best = (value, line)
     return None if best is None else best[1]
+
+
+def best_setting(lines: Sequence[ResultLine], where: Mapping[str, Any], knob: str, metric: str) -> Any:
+    """``knob``'s value on the :func:`best_line` among the lines that set it (None when there is none)."""
+    line = best_line([line for line in lines if knob in line.knobs], where, metric)
+    return None if line is None else line.knobs[knob]
 
 
 @dataclass(frozen=True)

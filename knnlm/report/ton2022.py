@@ -18,11 +18,12 @@ import re
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any
 
 from knnlm.report.figures import COLUMN_WIDTH_IN, DPI, FIGURE_HEIGHT_IN, STYLE, plt
-from knnlm.report.lines import ResultLine, pick, same_value, select
+from knnlm.report.lines import ResultLine, best_line, differing_knobs, pick, same_value, select
 from knnlm.report.registry import RenderContext, Rendered, register
 from knnlm.report.tables import AMBIGUOUS, MISSING, fmt_mean_std
 
@@ -113,13 +114,55 @@ def seed_cell(lines: Sequence[ResultLine], where: Mapping[str, Any]) -> SeedCell
     return SeedCell("ok", by_seed, where)
 
 
+#: the metric τ is tuned by: valid perplexity at λ tuned on valid at each τ (on every `knnlm score` line)
+TAU_METRIC = "valid_interp_ppl"
+
+
+@dataclass(frozen=True)
+class TauSweepCell(SeedCell):
+    """Per seed, the best line of its τ sweep, and the sweep's smallest and largest τ."""
+
+    grid: Mapping[Any, tuple[float, float]] = dataclass_field(default_factory=dict)
+
+    def at_edge(self) -> list[Any]:
+        """Seeds whose best τ is the sweep's smallest or largest: the optimum may lie beyond it."""
+        return [s for s, line in self.by_seed.items() if line.knobs.get("temperature") in self.grid[s]]
+
+
+def tuned_tau_cell(lines: Sequence[ResultLine], where: Mapping[str, Any]) -> TauSweepCell:
+    """Per seed, the line of a τ sweep (``where`` fixes all but τ) with the lowest valid perplexity.
+
+    The sweep is read from the test-split lines ``knnlm score --temperature A,B,...`` writes: each
+    carries the valid perplexity at λ tuned on valid, so τ is tuned on valid and never on test.
+    """
+    matched = select(lines, where)
+    if not matched:
+        return TauSweepCell("missing", {}, where)
+    differing = differing_knobs(matched, (*PER_MODEL, "temperature"))
+    if differing:
+        return TauSweepCell("ambiguous", {}, where, tuple(differing))
+    model_of_seed = {line.knobs.get(SEED): line.knobs.get("checkpoint") for line in matched}  # the last read wins
+    by_seed: dict[Any, ResultLine] = {}
+    grid: dict[Any, tuple[float, float]] = {}
+    for seed, checkpoint in model_of_seed.items():
+        model = {SEED: seed, "checkpoint": checkpoint}
+        best = best_line(matched, model, TAU_METRIC)
+        if best is not None:
+            by_seed[seed] = best
+            taus = [line.knobs["temperature"] for line in select(matched, model)]
+            grid[seed] = (min(taus), max(taus))
+    return TauSweepCell("ok" if by_seed else "missing", by_seed, where, grid=grid)
+
+
 @dataclass(frozen=True)
 class OmegaRow:
-    """One ω: the kNN-LM at tuned λ and at λ = 0.3; the LM and train ppl come from either."""
+    """One ω: the kNN-LM at tuned λ and at λ = 0.3 (τ = 1), and at τ tuned too; the LM and train ppl
+    come from either of the first two."""
 
     omega: float
     tuned: SeedCell
     fixed: SeedCell
+    tuned_tau: TauSweepCell
 
     @property
     def absent(self) -> bool:
@@ -177,6 +220,9 @@ def collect(lines: Sequence[ResultLine], ctx: RenderContext) -> tuple[dict[str, 
     """The fixed knobs and, per dataset that has ω-labelled lines, the cells of every ω row."""
     fixed = {**BASE, **ctx.where}
     candidates = [line for line in select(lines, fixed) if line.knobs.get(OMEGA) is not None]
+    # the τ sweep: the same knobs but τ, on the lines that report test (valid perplexity on each)
+    sweep_fixed = {k: v for k, v in fixed.items() if k not in ("temperature", "split")}
+    sweep_fixed.update({"split": "test", "lambda": "tune"})
     datasets: list[Any] = []
     for line in candidates:
         name = line.knobs.get(DATASET)
@@ -186,6 +232,7 @@ def collect(lines: Sequence[ResultLine], ctx: RenderContext) -> tuple[dict[str, 
     for name in datasets:
         mine = [line for line in candidates if line.knobs.get(DATASET) == name]
         rows = []
+        sweep = [line for line in select(lines, sweep_fixed) if line.knobs.get(DATASET) == name]
         for omega in _omegas(mine, ctx.where):
             where = {**fixed, DATASET: name, OMEGA: omega}
             rows.append(
@@ -193,6 +240,7 @@ def collect(lines: Sequence[ResultLine], ctx: RenderContext) -> tuple[dict[str, 
                     omega,
                     seed_cell(mine, {**where, "lambda": "tune"}),
                     seed_cell(mine, {**where, "lambda": FIXED_LAMBDA}),
+                    tuned_tau_cell(sweep, {**sweep_fixed, DATASET: name, OMEGA: omega}),
                 )
             )
         blocks.append(DatasetBlock(name, tuple(rows)))
@@ -266,6 +314,18 @@ def _row(row: OmegaRow, fixed: Mapping[str, Any], missing: list[str]) -> list[st
         absent = [str(s) for s, v in zip(seeds, train, strict=True) if not isinstance(v, int | float)]
         missing.append(f"{name}: no labels.train_ppl for seed(s) {', '.join(absent)}")
     lm = [line.metric("lm_ppl") for line in models.values()]
+    tau = row.tuned_tau
+    if not row.absent and (tau.status != "ok" or len(tau.by_seed) < len(seeds)):
+        lacking = [str(s) for s in seeds if s not in tau.by_seed]
+        missing.append(f"{name}, kNN-LM tuned τ: no τ sweep (test-split lines with {TAU_METRIC}) for seed(s) "
+                       f"{', '.join(lacking) or 'any'}")
+    edge = tau.at_edge()
+    if edge:
+        ranges = "; ".join(f"seed {s}: {tau.grid[s][0]:g}–{tau.grid[s][1]:g}" for s in edge)
+        missing.append(f"{name}, tuned τ: at the edge of the τ sweep ({ranges}); the optimum may lie beyond it")
+    taus = ", ".join(
+        f"{line.knobs.get('temperature'):g}" + (" (edge)" if s in edge else "") for s, line in tau.by_seed.items()
+    ) or "–"
     return [
         fmt_omega(row.omega),
         _seeds_text(seeds),
@@ -274,10 +334,15 @@ def _row(row: OmegaRow, fixed: Mapping[str, Any], missing: list[str]) -> list[st
         _metric_text(row.fixed, "interp_ppl", len(seeds)),
         _metric_text(row.tuned, "interp_ppl", len(seeds)),
         _metric_text(row.tuned, "lambda_used", len(seeds)),
+        _metric_text(tau, TAU_METRIC, len(seeds)) if tau.by_seed else "–",
+        taus,
     ]
 
 
-_HEADER = ("ω", "seeds", "train ppl", "LM valid ppl", "kNN-LM λ=0.3", "kNN-LM tuned λ", "tuned λ")
+_HEADER = (
+    "ω", "seeds", "train ppl", "LM valid ppl", "kNN-LM λ=0.3", "kNN-LM tuned λ", "tuned λ", "kNN-LM tuned τ, λ",
+    "tuned τ",
+)
 TABLE_TITLE = "Tables 1–2 (Ton et al. 2022): perplexity vs the weight ω of the activation L2 regularizer"
 FIGURE_TITLE = "Figure 1 (Ton et al. 2022): validation perplexity vs ω, LM and kNN-LM"
 
@@ -295,7 +360,9 @@ def render_table(lines: Sequence[ResultLine], ctx: RenderContext) -> Rendered:
         "Cells: mean ± sample std over labels.seed (seeds: how many, and which). train ppl: labels.train_ppl, "
         "fairseq's training perplexity of the last epoch (dropout on, averaged over the epoch). LM valid ppl: "
         "the model alone. kNN-LM: interpolated with λ=0.3, and with λ tuned on the same valid split it is "
-        "reported on (the paper reports validation perplexity)."
+        "reported on (the paper reports validation perplexity), both at τ=1. kNN-LM tuned τ, λ: valid "
+        "perplexity at the τ of the model's τ sweep (test-split lines, λ tuned on valid at each τ) that is "
+        "best on valid; tuned τ: that τ, per seed."
     )
     missing: list[str] = []
     if not blocks:
