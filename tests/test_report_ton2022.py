@@ -143,6 +143,12 @@ def test_lines_that_differ_in_an_unfixed_knob_are_ambiguous(tmp_path):
         "| 0 | 2 (1, 2) | 62.00 ± 2.83 (n=2) | 76.50 ± 0.71 (n=2) | 74.80 ± 0.85 (n=2) | ambiguous |" in table.markdown
     )
     assert any("ω=0, kNN-LM tuned λ: lines differ in index.factory, index.nprobe" in m for m in table.missing)
+    # a τ sweep line from another index: the tuned-τ cell is ambiguous too, not a minimum over both
+    records.append(result({"valid_interp_ppl": 10.0}, temperature=3.0, index={"factory": "Flat", "nprobe": 1},
+                          labels={"omega": 1, "seed": 1, "dataset": "wikitext-2"}))
+    table = render(tmp_path / "sweep", records)["ton2022_table"]
+    assert "| 0.30 ± 0.00 (n=2) | ambiguous | – |" in table.markdown
+    assert "ω=1, kNN-LM tuned τ: lines differ in index.factory, index.nprobe, labels.cache" in table.missing
 
 
 def test_each_dataset_gets_its_own_table_and_figure(tmp_path):

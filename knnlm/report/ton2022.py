@@ -144,8 +144,8 @@ def tuned_tau_cell(lines: Sequence[ResultLine], where: Mapping[str, Any]) -> Tau
     model_of_seed = {line.knobs.get(SEED): line.knobs.get("checkpoint") for line in matched}  # the last read wins
     by_seed: dict[Any, ResultLine] = {}
     grid: dict[Any, tuple[float, float]] = {}
-    for seed, checkpoint in model_of_seed.items():
-        model = {SEED: seed, "checkpoint": checkpoint}
+    for seed in sorted(model_of_seed, key=_seed_order):
+        model = {SEED: seed, "checkpoint": model_of_seed[seed]}
         best = best_line(matched, model, TAU_METRIC)
         if best is not None:
             by_seed[seed] = best
@@ -315,10 +315,12 @@ def _row(row: OmegaRow, fixed: Mapping[str, Any], missing: list[str]) -> list[st
         missing.append(f"{name}: no labels.train_ppl for seed(s) {', '.join(absent)}")
     lm = [line.metric("lm_ppl") for line in models.values()]
     tau = row.tuned_tau
-    if not row.absent and (tau.status != "ok" or len(tau.by_seed) < len(seeds)):
+    if not row.absent and tau.status == "ambiguous":
+        missing.append(f"{name}, kNN-LM tuned τ: lines differ in {', '.join(tau.differing)}")
+    elif not row.absent and len(tau.by_seed) < len(seeds):
         lacking = [str(s) for s in seeds if s not in tau.by_seed]
         missing.append(f"{name}, kNN-LM tuned τ: no τ sweep (test-split lines with {TAU_METRIC}) for seed(s) "
-                       f"{', '.join(lacking) or 'any'}")
+                       f"{', '.join(lacking)}")
     edge = tau.at_edge()
     if edge:
         ranges = "; ".join(f"seed {s}: {tau.grid[s][0]:g}–{tau.grid[s][1]:g}" for s in edge)
@@ -334,7 +336,7 @@ def _row(row: OmegaRow, fixed: Mapping[str, Any], missing: list[str]) -> list[st
         _metric_text(row.fixed, "interp_ppl", len(seeds)),
         _metric_text(row.tuned, "interp_ppl", len(seeds)),
         _metric_text(row.tuned, "lambda_used", len(seeds)),
-        _metric_text(tau, TAU_METRIC, len(seeds)) if tau.by_seed else "–",
+        _metric_text(tau, TAU_METRIC, len(seeds)) if tau.status != "missing" else "–",
         taus,
     ]
 
