@@ -243,7 +243,7 @@ fi
 # hundreds): the datastore-size and FAISS-vs-exact comparisons again at the τ tuned on valid
 tau=$(tuned_tau "$OUT_DIR/results.jsonl")
 if [ -n "$tau" ] && [ "$tau" != 1.0 ]; then
-  step "Table 3 and Figures 2/4 at the tuned τ = $tau -> $OUT_DIR/tuned-tau"
+  step "Tables 1/3 and Figures 2/4 at the tuned τ = $tau -> $OUT_DIR/tuned-tau"
   knnlm report "$OUT_DIR/results.jsonl" --out "$OUT_DIR/tuned-tau" --only xu2023_table1,xu2023_figure2_4 \
     --where labels.cache=full --where temperature="$tau"
   if [ "$has_exact" = 1 ]; then

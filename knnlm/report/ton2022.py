@@ -223,6 +223,7 @@ def collect(lines: Sequence[ResultLine], ctx: RenderContext) -> tuple[dict[str, 
     # the τ sweep: the same knobs but τ, on the lines that report test (valid perplexity on each)
     sweep_fixed = {k: v for k, v in fixed.items() if k not in ("temperature", "split")}
     sweep_fixed.update({"split": "test", "lambda": "tune"})
+    sweep = select(lines, sweep_fixed)
     datasets: list[Any] = []
     for line in candidates:
         name = line.knobs.get(DATASET)
@@ -232,7 +233,6 @@ def collect(lines: Sequence[ResultLine], ctx: RenderContext) -> tuple[dict[str, 
     for name in datasets:
         mine = [line for line in candidates if line.knobs.get(DATASET) == name]
         rows = []
-        sweep = [line for line in select(lines, sweep_fixed) if line.knobs.get(DATASET) == name]
         for omega in _omegas(mine, ctx.where):
             where = {**fixed, DATASET: name, OMEGA: omega}
             rows.append(
