@@ -96,7 +96,7 @@ tuned_tau() {  # the tuned τ, from the first source that has it
       run knnlm analyze temperature --cache "$RUN/cache/valid" --out "$OUT_DIR/temperature" >&2
     fi
   fi
-  python -c 'import json, sys; print("%.4g" % json.load(open(sys.argv[1]))["models"][0]["tuned"]["tau"])' "$json"
+  printf '%.4g\n' "$(json_field "$json" models 0 tuned tau)"
 }
 TAU=$(tuned_tau)
 echo "tuned τ = $TAU"

@@ -21,6 +21,21 @@ abspath() {  # path: absolute, so that it survives the scripts' cd to the reposi
   case $1 in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac
 }
 
+json_field() {  # file key...: the value at that key path of a JSON file (empty when absent or null)
+  python - "$@" <<'PY'
+import json
+import sys
+
+value = json.load(open(sys.argv[1]))
+for key in sys.argv[2:]:  # a list is indexed by a number: `json_field f models 0 tuned tau`
+    if isinstance(value, list) and key.isdigit() and int(key) < len(value):
+        value = value[int(key)]
+    else:
+        value = value.get(key) if isinstance(value, dict) else None
+print("" if value is None else value)
+PY
+}
+
 need_value() {  # option remaining-arg-count: the option must be followed by a value
   [ "$2" -ge 2 ] || usage_error "$1 needs a value"
 }

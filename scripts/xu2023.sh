@@ -104,7 +104,7 @@ timed() {  # name command...: run it and log its seconds in the pipeline's timin
 }
 
 dump_limit() {  # cache: the --limit-tokens it was dumped with (empty: the whole split)
-  python -c "import json,sys; print(json.load(open(sys.argv[1]))['dump'].get('limit_tokens') or '')" "$1/meta.json"
+  json_field "$1/meta.json" dump limit_tokens
 }
 
 reuse_ton2022() {  # ton2022-run: link its finished att datastore, att.l2 index and caches into RUN_DIR

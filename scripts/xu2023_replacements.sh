@@ -90,8 +90,7 @@ else
   LR=${LR:-0.001}
   OVERFIT_UPDATES=${OVERFIT_UPDATES:-20000}
 fi
-TPS=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['dump']['context']['tokens_per_sample'])" \
-  "$PIPELINE/cache/valid/meta.json")
+TPS=$(json_field "$PIPELINE/cache/valid/meta.json" dump context tokens_per_sample)
 
 train_head() {  # name [fairseq-train options...]: one frozen-base head, trained once
   local name=$1 dir=$RUN_DIR/heads/$1
@@ -140,8 +139,7 @@ add_component() {  # name [knnlm eval component source options...]: into both ca
 add_lm_cache() {  # name checkpoint: dump another LM over the same tokens, then add it as a component
   local name=$1 ckpt=$2 split limit
   for split in valid test; do
-    limit=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['dump'].get('limit_tokens') or '')" \
-      "$PIPELINE/cache/$split/meta.json")
+    limit=$(json_field "$PIPELINE/cache/$split/meta.json" dump limit_tokens)
     if [ ! -f "$RUN_DIR/lm-caches/$name/$split/meta.json" ]; then
       knnlm eval dump --checkpoint "$ckpt" --data "$DATA" --split "$split" --out "$RUN_DIR/lm-caches/$name/$split" \
         --tokens-per-sample "$TPS" --context-window "$((TPS / 2))" ${limit:+--limit-tokens "$limit"}

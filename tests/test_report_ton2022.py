@@ -8,11 +8,13 @@ labels they produce without training anything.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -449,6 +451,18 @@ def test_train_ppl_reads_the_last_epoch_line(tmp_path):
     read = f"source {lib}; train_ppl {log}; train_ppl {tmp_path / 'absent.log'}"
     proc = subprocess.run(["bash", "-c", read], capture_output=True, text=True, check=True)
     assert proc.stdout == "119.4\n"
+
+
+def test_json_field_reads_a_key_path_and_is_empty_when_absent(tmp_path):
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({"dump": {"limit_tokens": None, "context": {"tokens_per_sample": 256}},
+                                "models": [{"tuned": {"tau": 0.0015848931924611134}}]}))
+    reads = ["dump context tokens_per_sample", "dump limit_tokens", "models 0 tuned tau", "models 1 tuned",
+             "dump context absent"]
+    script = f"source {SCRIPTS / 'lib.sh'}; " + "; ".join(f"echo \"[$(json_field {meta} {r})]\"" for r in reads)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True, env=env)
+    assert proc.stdout.split() == ["[256]", "[]", "[0.0015848931924611134]", "[]", "[]"]
 
 
 def test_a_retrained_seed_replaces_the_earlier_one(tmp_path):
