@@ -7,7 +7,9 @@ A head's update (forward, cross-entropy, backward, Adam step) on fixed random
 features is timed against the update of a plain ``V × D`` softmax of the same
 vocabulary (the n = 1 learned W_ds without aggregation), in interleaved
 repetitions so that every variant sees the same machine load; ratios are medians
-of per-repetition (variant tokens/s) / (softmax tokens/s). The frozen base's
+of per-repetition (variant tokens/s) / (softmax tokens/s). Each head is timed
+twice: through its whole ``[tokens, V]`` distribution gathered at the targets
+(``head(h)``) and through ``head.target_log_probs`` (what training uses). The frozen base's
 transformer layers are not part of the head's cost and are left out. Results:
 ``<out>.json`` and ``<out>.md``.
 """
@@ -15,6 +17,7 @@ transformer layers are not part of the head's cost and are left out. Results:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -41,10 +44,15 @@ class PlainSoftmax(nn.Module):
         return torch.log_softmax(self.out(h), dim=-1)
 
 
-def step_time(head: nn.Module, opt: torch.optim.Optimizer, h: torch.Tensor, y: torch.Tensor) -> float:
+def step_time(
+    head: nn.Module, opt: torch.optim.Optimizer, h: torch.Tensor, y: torch.Tensor, targets_only: bool
+) -> float:
     start = time.perf_counter()
     opt.zero_grad()
-    loss = -head(h).gather(-1, y.unsqueeze(-1)).sum()
+    if targets_only:
+        loss = -head.target_log_probs(h, y).sum()
+    else:
+        loss = -head(h).gather(-1, y.unsqueeze(-1)).sum()
     loss.backward()
     opt.step()
     return time.perf_counter() - start
@@ -64,11 +72,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     v, d = args.vocab, args.dim
-    heads: dict[str, nn.Module] = {"softmax V×D (baseline)": PlainSoftmax(d, v)}
+    variants: dict[str, nn.Module] = {}
     for n in (int(x) for x in args.ns.split(",")):
-        heads[f"learned W_ds, n={n}"] = LearnedDatastore(d, v, uniform_row_word(v, n))
+        variants[f"learned W_ds, n={n}"] = LearnedDatastore(d, v, uniform_row_word(v, n))
     for r in (int(x) for x in args.mos.split(",")):
-        heads[f"MoS, R={r}, W_sm fine-tuned"] = MixtureOfSoftmaxes(d, v, r, torch.randn(v, d) / d**0.5, None, True)
+        variants[f"MoS, R={r}, W_sm fine-tuned"] = MixtureOfSoftmaxes(d, v, r, torch.randn(v, d) / d**0.5, None, True)
+    heads: dict[str, nn.Module] = {"softmax V×D (baseline)": PlainSoftmax(d, v)}
+    targets_only: dict[str, bool] = {}
+    for name, head in variants.items():
+        heads[f"{name}, whole distribution"] = head
+        heads[f"{name}, targets only"] = copy.deepcopy(head)
+        targets_only[f"{name}, targets only"] = True
     opts = {
         name: torch.optim.Adam([p for p in head.parameters() if p.requires_grad], lr=1e-3)
         for name, head in heads.items()
@@ -76,12 +90,12 @@ def main() -> None:
     h = torch.randn(args.tokens, d)
     y = torch.randint(0, v, (args.tokens,))
     for name, head in heads.items():  # warm-up
-        step_time(head, opts[name], h, y)
+        step_time(head, opts[name], h, y, targets_only.get(name, False))
     times: dict[str, list[float]] = {name: [] for name in heads}
     names = list(heads)
     for rep in range(args.reps):
         for name in names[rep % len(names):] + names[: rep % len(names)]:
-            times[name].append(step_time(heads[name], opts[name], h, y))
+            times[name].append(step_time(heads[name], opts[name], h, y, targets_only.get(name, False)))
     base = names[0]
     rows = []
     for name in names:

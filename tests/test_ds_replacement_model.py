@@ -83,10 +83,11 @@ def test_training_leaves_the_frozen_base_bit_identical(base_task, tiny_checkpoin
     assert "base.decoder.embed_tokens.weight" not in model.state_dict()
 
 
-def test_distill_and_interpolated_objectives_by_hand(base_task, tiny_checkpoint):
+def test_every_objective_by_hand(base_task, tiny_checkpoint):
+    """ce and interpolated read the head's targets alone: they must equal the whole distribution's."""
     _, task = base_task
     torch.manual_seed(1)
-    model = _build(task, tiny_checkpoint, ds_key="att", ds_n=1, ds_init="random").eval()
+    model = _build(task, tiny_checkpoint, ds_key="att", ds_n=2, ds_init="random").eval()
     sample = _sample(task, seed=3)
     out = model(**sample["net_input"])
     head = out[0].double()
@@ -95,6 +96,9 @@ def test_distill_and_interpolated_objectives_by_hand(base_task, tiny_checkpoint)
     lam = 0.25
     interp = -torch.log((1 - lam) * base.gather(-1, y).exp() + lam * head.gather(-1, y).exp()).sum()
     distill = -(base.exp() * head).sum()
+    ce = -head.gather(-1, y).sum()
+    got_ce = DatastoreReplacementCriterion(task, "ce")(model, sample)[0]
+    assert float(got_ce) == pytest.approx(float(ce), rel=1e-5)
     got_interp = DatastoreReplacementCriterion(task, "interpolated", lam)(model, sample)[0]
     got_distill = DatastoreReplacementCriterion(task, "distill")(model, sample)[0]
     assert float(got_interp) == pytest.approx(float(interp), rel=1e-5)

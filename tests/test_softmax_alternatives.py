@@ -12,9 +12,11 @@ from hypothesis import strategies as st
 
 from knnlm.errors import KnnlmError
 from knnlm.softmax_alternatives.aggregation import (
+    WordRows,
     aggregate_log_softmax,
     grouped_logsumexp,
     sized_row_word,
+    target_log_probs,
     uniform_n,
     uniform_row_word,
 )
@@ -69,6 +71,57 @@ def test_word_without_rows_gets_minus_infinity():
     out = grouped_logsumexp(torch.zeros(1, 3, dtype=torch.float64), torch.tensor([0, 0, 2]), 4)
     assert out[0, 1] == -math.inf and out[0, 3] == -math.inf
     assert out[0, 0] == pytest.approx(math.log(2))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 5), min_size=1, max_size=14), st.integers(0, 10_000))
+def test_target_log_probs_equal_the_hand_sum_at_the_target_and_its_gradient(row_list, seed):
+    """Any row-to-word map (unsorted, words without rows), against the hand sum and against the
+    gradient of the whole aggregated distribution gathered at the target."""
+    vocab = 6
+    row_word = torch.tensor(row_list)
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(3, 4, len(row_list), generator=gen, dtype=torch.float64) * 3).requires_grad_()
+    target = torch.randint(0, vocab, (3, 4), generator=gen)
+    got = target_log_probs(logits, target, WordRows(row_word, vocab))
+    hand = _hand_word_probs(logits.detach().reshape(12, -1).numpy(), row_word.numpy(), vocab)
+    expected = hand[np.arange(12), target.reshape(-1).numpy()].reshape(3, 4)
+    with np.errstate(divide="ignore"):
+        np.testing.assert_allclose(got.detach().numpy(), np.log(expected), rtol=1e-12, atol=1e-12)
+    has_rows = torch.isfinite(got)
+    (grad,) = torch.autograd.grad(got[has_rows].sum(), logits)
+    full = aggregate_log_softmax(logits, row_word, vocab).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    (full_grad,) = torch.autograd.grad(full[has_rows].sum(), logits)
+    assert torch.isfinite(grad).all()
+    torch.testing.assert_close(grad, full_grad, rtol=1e-10, atol=1e-12)
+
+
+def test_target_log_probs_of_the_uniform_layout_survive_huge_logits():
+    vocab, n = 5, 3
+    logits = torch.randn(2, 7, n * vocab, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 500
+    target = torch.randint(0, vocab, (2, 7), generator=torch.Generator().manual_seed(4))
+    row_word = uniform_row_word(vocab, n)
+    full = aggregate_log_softmax(logits, row_word, vocab).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    got = target_log_probs(logits, target, WordRows(row_word, vocab))
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, full, rtol=1e-12, atol=1e-9)
+
+
+def test_every_head_s_target_log_probs_are_its_distribution_at_the_target():
+    torch.manual_seed(0)
+    vocab, dim = 11, 4
+    h, target = torch.randn(2, 5, dim), torch.randint(0, vocab, (2, 5))
+    cluster_word = torch.rand(3, vocab).to_sparse()
+    cluster_word = (cluster_word.to_dense() / cluster_word.to_dense().sum(1, keepdim=True)).to_sparse()
+    heads = [
+        LearnedDatastore(dim, vocab, uniform_row_word(vocab, 3)),
+        LearnedDatastore(dim, vocab, sized_row_word(torch.arange(vocab) % 3 + 1)),
+        MixtureOfSoftmaxes(dim, vocab, 2, torch.randn(vocab, dim)),
+        ClusteredDatastore(torch.randn(3, dim), cluster_word),
+    ]
+    for head in heads:
+        full = head(h).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        torch.testing.assert_close(head.target_log_probs(h, target), full, rtol=1e-5, atol=1e-5)
 
 
 @settings(max_examples=40, deadline=None)

@@ -102,14 +102,14 @@ def _queries(cache: Cache, key_type: str) -> np.ndarray:
     return np.load(path, mmap_mode="r")
 
 
-def _target_logprobs(fn, queries: np.ndarray, targets: np.ndarray, batch: int) -> np.ndarray:
+def _target_logprobs(head, queries: np.ndarray, targets: np.ndarray, batch: int) -> np.ndarray:
     out = np.empty(len(targets), dtype=np.float32)
     with torch.no_grad():
         for start in range(0, len(targets), batch):
             end = min(len(targets), start + batch)
-            lp = fn(torch.from_numpy(np.asarray(queries[start:end], dtype=np.float32)))
-            idx = torch.from_numpy(np.array(targets[start:end], dtype=np.int64)).unsqueeze(-1)
-            out[start:end] = lp.gather(-1, idx).squeeze(-1).numpy()
+            h = torch.from_numpy(np.asarray(queries[start:end], dtype=np.float32))
+            target = torch.from_numpy(np.array(targets[start:end], dtype=np.int64))
+            out[start:end] = head.target_log_probs(h, target).float().numpy()
     return out
 
 

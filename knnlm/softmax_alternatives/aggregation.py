@@ -9,12 +9,17 @@ words whose rows all have tiny logits do not underflow.
 Two layouts exist: ``n`` rows per word (rows ``j·V + v`` for copy ``j`` of word
 ``v``, a reshape does the sum) and per-word sizes (adaptive, rows grouped word by
 word, a scatter does the sum).
+
+Training needs only the target's probability, ``log P(y) = logsumexp_{r∈y}
+log_softmax(z)_r`` (:func:`target_log_probs`): one fused log-softmax over the rows
+and a gather of the target's few rows, instead of a ``[..., V]`` table built and
+differentiated through every word's group.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def uniform_row_word(vocab_size: int, n: int) -> Tensor:
@@ -75,3 +80,40 @@ def aggregate_log_softmax(logits: Tensor, row_word: Tensor, vocab_size: int, n: 
         return torch.log_softmax(logits, dim=-1)
     words = grouped_logsumexp(logits, row_word, vocab_size, n)
     return words - words.logsumexp(dim=-1, keepdim=True)
+
+
+class WordRows(nn.Module):
+    """Each word's rows, the inverse of ``row_word``: word ``w``'s rows are ``order[start[w] :
+    start[w] + count[w]]``. A module of non-persistent buffers, so it follows its head's device
+    and adds nothing to checkpoints."""
+
+    def __init__(self, row_word: Tensor, vocab_size: int) -> None:
+        super().__init__()
+        row_word = torch.as_tensor(row_word, dtype=torch.long)
+        count = torch.bincount(row_word, minlength=vocab_size)
+        self.register_buffer("order", torch.argsort(row_word, stable=True), persistent=False)
+        self.register_buffer("start", torch.cumsum(count, 0) - count, persistent=False)
+        self.register_buffer("count", count, persistent=False)
+        self.width = int(count.max())
+
+    def forward(self, words: Tensor) -> tuple[Tensor, Tensor]:
+        """``(rows, present)``, both ``[*words.shape, width]``: each word's rows, padded where
+        ``present`` is false (there ``rows`` repeats a row of the word, or row 0 for a word
+        without rows)."""
+        slot = torch.arange(self.width, device=words.device)
+        count = self.count[words].unsqueeze(-1)
+        position = self.start[words].unsqueeze(-1) + torch.minimum(slot, (count - 1).clamp(min=0))
+        return self.order[position.clamp(max=self.order.numel() - 1)], slot < count
+
+
+def target_log_probs(logits: Tensor, target: Tensor, rows: WordRows) -> Tensor:
+    """``aggregate_log_softmax(logits, ...)`` at ``target`` (``logits``' shape without its last
+    dimension) from the target's rows alone; ``-inf`` for a word without rows, with no NaN in
+    the gradient."""
+    index, present = rows(target)
+    has_rows = present[..., 0]
+    # one fused log-softmax over the rows (a bare logsumexp costs more passes on a CPU), then the
+    # target's few rows; a word without rows reads row 0 and is set to -inf after
+    own = torch.log_softmax(logits, dim=-1).gather(-1, index)
+    own = own.masked_fill(~present & has_rows.unsqueeze(-1), float("-inf")).logsumexp(dim=-1)
+    return torch.where(has_rows, own, float("-inf"))

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from knnlm.softmax_alternatives.aggregation import aggregate_log_softmax, uniform_n
+from knnlm.softmax_alternatives.aggregation import WordRows, aggregate_log_softmax, target_log_probs, uniform_n
 
 SIMILARITIES = ("ip", "l2")
 
@@ -30,7 +30,15 @@ def _at_least_fp32(h: Tensor) -> Tensor:
     return h.float() if h.dtype in (torch.float16, torch.bfloat16) else h
 
 
-class LearnedDatastore(nn.Module):
+class WordHead(nn.Module):
+    """A head: ``forward(h)`` gives word log-probabilities ``[..., V]``; ``target_log_probs`` only
+    the targets' (what training and evaluation need), which a head may compute more cheaply."""
+
+    def target_log_probs(self, h: Tensor, target: Tensor) -> Tensor:
+        return self(h).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+
+
+class LearnedDatastore(WordHead):
     """``log M·softmax(W_ds h + b)`` with ``W_ds`` of ``R`` rows and ``row_word`` the aggregation M."""
 
     def __init__(
@@ -55,6 +63,7 @@ class LearnedDatastore(nn.Module):
         self.vocab_size = vocab_size
         self.register_buffer("row_word", row_word, persistent=True)
         self.uniform_n = uniform_n(row_word, vocab_size)  # fast path of the aggregation
+        self.word_rows = WordRows(row_word, vocab_size)
         generator = torch.Generator().manual_seed(seed)
         rows = row_word.numel()
         if init_weight is None:
@@ -75,13 +84,18 @@ class LearnedDatastore(nn.Module):
     def rows(self) -> int:
         return self.weight.shape[0]
 
+    def logits(self, h: Tensor) -> Tensor:
+        """Row logits ``[..., R]``: matmul in the weights' dtype (fp16 under --fp16), result in at least fp32."""
+        return _at_least_fp32(F.linear(h.to(self.weight.dtype), self.weight, self.bias))
+
     def forward(self, h: Tensor) -> Tensor:
-        # matmul in the weights' dtype (fp16 under --fp16), softmax and aggregation in at least fp32
-        logits = _at_least_fp32(F.linear(h.to(self.weight.dtype), self.weight, self.bias))
-        return aggregate_log_softmax(logits, self.row_word, self.vocab_size, self.uniform_n)
+        return aggregate_log_softmax(self.logits(h), self.row_word, self.vocab_size, self.uniform_n)
+
+    def target_log_probs(self, h: Tensor, target: Tensor) -> Tensor:
+        return target_log_probs(self.logits(h), target, self.word_rows)
 
 
-class MixtureOfSoftmaxes(nn.Module):
+class MixtureOfSoftmaxes(WordHead):
     """``log Σ_r π_r(h) softmax(W tanh(P_r h) + b)`` (Yang et al. 2018) over the output embeddings ``W``."""
 
     def __init__(
@@ -109,15 +123,21 @@ class MixtureOfSoftmaxes(nn.Module):
         """log π(h) ``[..., R]``: the context-dependent mixture weights (they sum to one)."""
         return torch.log_softmax(_at_least_fp32(self.prior(h.to(self.prior.weight.dtype))), dim=-1)
 
+    def component_log_probs(self, h: Tensor) -> Tensor:
+        """Each component's word log-probabilities ``[..., R, V]``."""
+        contexts = torch.tanh(self.latent(h.to(self.prior.weight.dtype))).unflatten(-1, (self.components, self.dim))
+        return torch.log_softmax(_at_least_fp32(F.linear(contexts, self.output_weight, self.output_bias)), dim=-1)
+
     def forward(self, h: Tensor) -> Tensor:
-        h = h.to(self.prior.weight.dtype)
-        contexts = torch.tanh(self.latent(h)).unflatten(-1, (self.components, self.dim))
-        logits = _at_least_fp32(F.linear(contexts, self.output_weight, self.output_bias))
-        per_component = torch.log_softmax(logits, dim=-1)
-        return torch.logsumexp(self.mixture_log_weights(h).unsqueeze(-1) + per_component, dim=-2)
+        return torch.logsumexp(self.mixture_log_weights(h).unsqueeze(-1) + self.component_log_probs(h), dim=-2)
+
+    def target_log_probs(self, h: Tensor, target: Tensor) -> Tensor:
+        index = target.unsqueeze(-1).unsqueeze(-1).expand(*target.shape, self.components, 1)
+        at_target = self.component_log_probs(h).gather(-1, index).squeeze(-1)
+        return torch.logsumexp(self.mixture_log_weights(h) + at_target, dim=-1)
 
 
-class ClusteredDatastore(nn.Module):
+class ClusteredDatastore(WordHead):
     """``log M·softmax(sim(h, centroids))``: M[c, w] is the share of word w among cluster c's entries.
 
     ``cluster_word`` is a sparse ``C × V`` matrix whose rows sum to one. Words no

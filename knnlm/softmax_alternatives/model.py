@@ -151,17 +151,28 @@ class DatastoreReplacementLM(BaseFairseqModel):
         self.base.eval()
         return self
 
-    def forward(self, src_tokens: Tensor, **kwargs) -> tuple[Tensor, dict]:
+    def features(self, src_tokens: Tensor, **kwargs) -> dict[str, Tensor]:
+        """The frozen base's ``att`` and ``ffn`` representations of every position."""
         with torch.no_grad():
             self.capture.clear()
             self.base.decoder.extract_features(src_tokens, encoder_out=None)
-            keys = self.capture.pop_all()
-        return self.head(keys[self.key_type]), keys
+            return self.capture.pop_all()
 
-    def base_log_probs(self, net_output: tuple[Tensor, dict]) -> Tensor:
+    def forward(self, src_tokens: Tensor, features_only: bool = False, **kwargs) -> tuple[Tensor | None, dict]:
+        """(head log-probabilities ``[B, T, V]``, base representations); ``features_only`` skips the
+        head (the criterion then asks it for the targets alone, through this call so that a
+        distributed wrapper still sees the forward)."""
+        keys = self.features(src_tokens)
+        return (None if features_only else self.head(keys[self.key_type])), keys
+
+    def target_log_probs(self, keys: dict[str, Tensor], target: Tensor) -> Tensor:
+        """The head's log-probabilities of ``target`` only (training's cross-entropy needs no more)."""
+        return self.head.target_log_probs(keys[self.key_type], target)
+
+    def base_log_probs(self, keys: dict[str, Tensor]) -> Tensor:
         """The frozen base LM's log-probabilities for the same positions (from its ``ffn`` features)."""
         with torch.no_grad():
-            return output_log_probs(self.base.decoder, net_output[1]["ffn"])
+            return output_log_probs(self.base.decoder, keys["ffn"])
 
     def get_normalized_probs(self, net_output, log_probs: bool, sample=None) -> Tensor:
         lp = net_output[0].float()
