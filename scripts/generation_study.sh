@@ -96,7 +96,10 @@ tuned_tau() {  # the tuned τ, from the first source that has it
       run knnlm analyze temperature --cache "$RUN/cache/valid" --out "$OUT_DIR/temperature" >&2
     fi
   fi
-  printf '%.4g\n' "$(json_field "$json" models 0 tuned tau)"
+  local tau
+  tau=$(json_field "$json" models 0 tuned tau)
+  [ -n "$tau" ] || die "$json has no models[0].tuned.tau (write it with \`knnlm analyze temperature\`, or set TAU_TUNED)"
+  printf '%.4g\n' "$tau"
 }
 TAU=$(tuned_tau)
 echo "tuned τ = $TAU"

@@ -91,6 +91,7 @@ else
   OVERFIT_UPDATES=${OVERFIT_UPDATES:-20000}
 fi
 TPS=$(json_field "$PIPELINE/cache/valid/meta.json" dump context tokens_per_sample)
+[ -n "$TPS" ] || die "$PIPELINE/cache/valid/meta.json has no dump.context.tokens_per_sample (dump the cache again)"
 
 train_head() {  # name [fairseq-train options...]: one frozen-base head, trained once
   local name=$1 dir=$RUN_DIR/heads/$1

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
+import sys
 from itertools import product
 from pathlib import Path
 
@@ -176,3 +178,17 @@ def test_script_parses_and_explains_itself():
     assert done.returncode == 0 and "Usage: scripts/generation_study.sh" in done.stdout and "TAU_TUNED" in done.stdout
     bad = subprocess.run([str(SCRIPT), "--decodings", "beam"], capture_output=True, text=True)
     assert bad.returncode == 2 and "a decoding is sample or greedy" in bad.stderr
+
+
+def test_script_stops_on_a_tau_json_without_a_tuned_tau(tmp_path):
+    for name in ("ckpt.pt", "data/dict.txt", "ds/meta.json", "index.faiss.meta.json", "out/references.jsonl"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("{}\n")
+    (tmp_path / "temperature.json").write_text(json.dumps({"models": [{"label": "ω=0"}]}))
+    args = [str(SCRIPT), "--checkpoint", str(tmp_path / "ckpt.pt"), "--data", str(tmp_path / "data"),
+            "--datastore", str(tmp_path / "ds"), "--index", str(tmp_path / "index.faiss"),
+            "--tau-json", str(tmp_path / "temperature.json"), "--out", str(tmp_path / "out")]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    done = subprocess.run(args, capture_output=True, text=True, env=env)
+    assert done.returncode == 1 and "has no models[0].tuned.tau" in done.stderr
+    assert "tuned τ =" not in done.stdout

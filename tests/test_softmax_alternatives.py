@@ -107,6 +107,25 @@ def test_target_log_probs_of_the_uniform_layout_survive_huge_logits():
     torch.testing.assert_close(got, full, rtol=1e-12, atol=1e-9)
 
 
+def test_a_target_without_rows_has_a_finite_zero_gradient_under_the_training_floor():
+    logits = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    got = target_log_probs(logits, torch.tensor([1, 2]), WordRows(torch.tensor([0, 0, 2, 2]), 3))
+    assert got[0] == -math.inf and math.isfinite(float(got[1]))
+    (grad,) = torch.autograd.grad(got.clamp(min=-50.0).sum(), logits)
+    assert torch.isfinite(grad).all() and torch.equal(grad[0], torch.zeros(4, dtype=torch.float64))
+
+
+def test_a_loaded_row_layout_replaces_the_built_one():
+    """An adaptive head loaded from a checkpoint answers with the checkpoint's rows, not its build's."""
+    trained = LearnedDatastore(3, 6, sized_row_word(torch.tensor([1, 2, 3, 1, 1, 4])), seed=1)
+    built = LearnedDatastore(3, 6, sized_row_word(torch.tensor([4, 1, 3, 1, 1, 2])), seed=2)
+    built.load_state_dict(trained.state_dict())
+    h, target = torch.randn(5, 3), torch.randint(0, 6, (5,))
+    torch.testing.assert_close(built.target_log_probs(h, target), trained.target_log_probs(h, target))
+    torch.testing.assert_close(built(h), trained(h))
+    assert sorted(built.state_dict()) == ["row_word", "weight"]
+
+
 def test_every_head_s_target_log_probs_are_its_distribution_at_the_target():
     torch.manual_seed(0)
     vocab, dim = 11, 4

@@ -45,26 +45,25 @@ class DatastoreReplacementCriterion(FairseqCriterion):
         self.ds_loss = str(ds_loss)
         self.lam = float(ds_loss_lambda)
 
-    def objective(
-        self, model, keys: dict[str, torch.Tensor], target: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def objective(self, model, net_input: dict, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(per-token objective, per-token head NLL), both ``[B, T]``; only ``distill`` needs the
         head's whole distribution, the others its targets' log-probabilities."""
         if self.ds_loss == "distill":
-            head = model.head(keys[model.key_type]).float().clamp(min=LOG_FLOOR)
+            head, keys = model(**net_input)
+            head = head.float().clamp(min=LOG_FLOOR)
             head_t = head.gather(-1, target.unsqueeze(-1)).squeeze(-1)
             return -(model.base_log_probs(keys).float().exp() * head).sum(-1), -head_t
-        head_t = model.target_log_probs(keys, target).float().clamp(min=LOG_FLOOR)
+        head_t, keys = model(**net_input, target=target)
+        head_t = head_t.float().clamp(min=LOG_FLOOR)
         if self.ds_loss == "ce":
             return -head_t, -head_t
         base_t = model.base_log_probs(keys).float().gather(-1, target.unsqueeze(-1)).squeeze(-1)
         return -interpolate(base_t, head_t, self.lam), -head_t
 
     def forward(self, model, sample, reduce: bool = True):
-        _, keys = model(**sample["net_input"], features_only=True)
         target = sample["target"]
         keep = target.ne(self.padding_idx)
-        per_token, nll = self.objective(model, keys, target.clamp(min=0))
+        per_token, nll = self.objective(model, sample["net_input"], target.clamp(min=0))
         loss = per_token[keep].sum()
         nll_loss = nll[keep].sum()
         ntokens = int(keep.sum())

@@ -62,8 +62,7 @@ class LearnedDatastore(WordHead):
             raise ValueError(f"row_word must map every row to a word in [0, {vocab_size})")
         self.vocab_size = vocab_size
         self.register_buffer("row_word", row_word, persistent=True)
-        self.uniform_n = uniform_n(row_word, vocab_size)  # fast path of the aggregation
-        self.word_rows = WordRows(row_word, vocab_size)
+        self._index_rows()
         generator = torch.Generator().manual_seed(seed)
         rows = row_word.numel()
         if init_weight is None:
@@ -79,6 +78,16 @@ class LearnedDatastore(WordHead):
             self.bias: nn.Parameter | None = nn.Parameter(init_bias.detach().float()[row_word].clone())
         else:
             self.bias = None
+
+    def _index_rows(self) -> None:
+        """What is derived from ``row_word``: the aggregation's fast path and each word's rows."""
+        self.uniform_n = uniform_n(self.row_word, self.vocab_size)
+        self.word_rows = WordRows(self.row_word, self.vocab_size).to(self.row_word.device)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # a checkpoint's row_word (adaptive sizes) replaces the one built: derive again from it
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._index_rows()
 
     @property
     def rows(self) -> int:

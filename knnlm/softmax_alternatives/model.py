@@ -158,16 +158,13 @@ class DatastoreReplacementLM(BaseFairseqModel):
             self.base.decoder.extract_features(src_tokens, encoder_out=None)
             return self.capture.pop_all()
 
-    def forward(self, src_tokens: Tensor, features_only: bool = False, **kwargs) -> tuple[Tensor | None, dict]:
-        """(head log-probabilities ``[B, T, V]``, base representations); ``features_only`` skips the
-        head (the criterion then asks it for the targets alone, through this call so that a
-        distributed wrapper still sees the forward)."""
+    def forward(self, src_tokens: Tensor, target: Tensor | None = None, **kwargs) -> tuple[Tensor, dict]:
+        """(head log-probabilities ``[B, T, V]``, base representations); given ``target``, the head's
+        log-probabilities of those words alone, ``[B, T]`` (what cross-entropy training needs; inside
+        ``forward`` so that a distributed wrapper sees the head run)."""
         keys = self.features(src_tokens)
-        return (None if features_only else self.head(keys[self.key_type])), keys
-
-    def target_log_probs(self, keys: dict[str, Tensor], target: Tensor) -> Tensor:
-        """The head's log-probabilities of ``target`` only (training's cross-entropy needs no more)."""
-        return self.head.target_log_probs(keys[self.key_type], target)
+        h = keys[self.key_type]
+        return (self.head(h) if target is None else self.head.target_log_probs(h, target)), keys
 
     def base_log_probs(self, keys: dict[str, Tensor]) -> Tensor:
         """The frozen base LM's log-probabilities for the same positions (from its ``ffn`` features)."""
