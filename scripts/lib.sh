@@ -36,6 +36,10 @@ print("" if value is None else value)
 PY
 }
 
+dump_limit() {  # cache: the --limit-tokens it was dumped with (empty: the whole split)
+  json_field "$1/meta.json" dump limit_tokens
+}
+
 need_value() {  # option remaining-arg-count: the option must be followed by a value
   [ "$2" -ge 2 ] || usage_error "$1 needs a value"
 }

@@ -103,10 +103,6 @@ timed() {  # name command...: run it and log its seconds in the pipeline's timin
   printf '%s\t%d\n' "$name" $((SECONDS - t0)) >> "$RUN_DIR/timings.tsv"
 }
 
-dump_limit() {  # cache: the --limit-tokens it was dumped with (empty: the whole split)
-  json_field "$1/meta.json" dump limit_tokens
-}
-
 reuse_ton2022() {  # ton2022-run: link its finished att datastore, att.l2 index and caches into RUN_DIR
   # (scripts/ton2022.sh evaluates the same checkpoint with the same windows and index); what RUN_DIR
   # holds already, from an earlier run, is kept

@@ -140,7 +140,7 @@ add_component() {  # name [knnlm eval component source options...]: into both ca
 add_lm_cache() {  # name checkpoint: dump another LM over the same tokens, then add it as a component
   local name=$1 ckpt=$2 split limit
   for split in valid test; do
-    limit=$(json_field "$PIPELINE/cache/$split/meta.json" dump limit_tokens)
+    limit=$(dump_limit "$PIPELINE/cache/$split")
     if [ ! -f "$RUN_DIR/lm-caches/$name/$split/meta.json" ]; then
       knnlm eval dump --checkpoint "$ckpt" --data "$DATA" --split "$split" --out "$RUN_DIR/lm-caches/$name/$split" \
         --tokens-per-sample "$TPS" --context-window "$((TPS / 2))" ${limit:+--limit-tokens "$limit"}

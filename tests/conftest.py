@@ -34,6 +34,11 @@ def write_text_slice(dst: Path) -> Path:
     return dst
 
 
+def with_python_on_path() -> dict[str, str]:
+    """This environment with the running interpreter's folder first on PATH (scripts call `python`)."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+
+
 def run_module(module: str, args: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run `python -m module args` and fail the test with its output if it fails."""
     proc = subprocess.run(

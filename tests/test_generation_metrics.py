@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 from itertools import product
 from pathlib import Path
 
@@ -28,6 +26,8 @@ from knnlm.generation.metrics import (
     ngram_hashes,
 )
 from knnlm.models.fairseq_lm import load_language_model
+
+from .conftest import with_python_on_path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "generation_study.sh"
 
@@ -188,7 +188,6 @@ def test_script_stops_on_a_tau_json_without_a_tuned_tau(tmp_path):
     args = [str(SCRIPT), "--checkpoint", str(tmp_path / "ckpt.pt"), "--data", str(tmp_path / "data"),
             "--datastore", str(tmp_path / "ds"), "--index", str(tmp_path / "index.faiss"),
             "--tau-json", str(tmp_path / "temperature.json"), "--out", str(tmp_path / "out")]
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    done = subprocess.run(args, capture_output=True, text=True, env=env)
+    done = subprocess.run(args, capture_output=True, text=True, env=with_python_on_path())
     assert done.returncode == 1 and "has no models[0].tuned.tau" in done.stderr
     assert "tuned τ =" not in done.stdout

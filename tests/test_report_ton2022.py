@@ -14,13 +14,13 @@ import re
 import shutil
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from knnlm.report import RENDERERS, load_results, render_report
 
+from .conftest import with_python_on_path
 from .test_report import PNG_MAGIC, result, write_lines
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -460,8 +460,7 @@ def test_json_field_reads_a_key_path_and_is_empty_when_absent(tmp_path):
     reads = ["dump context tokens_per_sample", "dump limit_tokens", "models 0 tuned tau", "models 1 tuned",
              "dump context absent"]
     script = f"source {SCRIPTS / 'lib.sh'}; " + "; ".join(f"echo \"[$(json_field {meta} {r})]\"" for r in reads)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True, env=env)
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True, env=with_python_on_path())
     assert proc.stdout.split() == ["[256]", "[]", "[0.0015848931924611134]", "[]", "[]"]
 
 

@@ -98,8 +98,8 @@ class WordRows(nn.Module):
 
     def forward(self, words: Tensor) -> tuple[Tensor, Tensor]:
         """``(rows, present)``, both ``[*words.shape, width]``: each word's rows, padded where
-        ``present`` is false (there ``rows`` repeats a row of the word, or row 0 for a word
-        without rows)."""
+        ``present`` is false (there ``rows`` repeats a row of the word, or, for a word without
+        rows, holds some valid row)."""
         slot = torch.arange(self.width, device=words.device)
         count = self.count[words].unsqueeze(-1)
         position = self.start[words].unsqueeze(-1) + torch.minimum(slot, (count - 1).clamp(min=0))
@@ -113,7 +113,7 @@ def target_log_probs(logits: Tensor, target: Tensor, rows: WordRows) -> Tensor:
     index, present = rows(target)
     has_rows = present[..., 0]
     # one fused log-softmax over the rows (a bare logsumexp costs more passes on a CPU), then the
-    # target's few rows; a word without rows reads row 0 and is set to -inf after
+    # target's few rows; a word without rows reads some valid row and is set to -inf after
     own = torch.log_softmax(logits, dim=-1).gather(-1, index)
     own = own.masked_fill(~present & has_rows.unsqueeze(-1), float("-inf")).logsumexp(dim=-1)
     return torch.where(has_rows, own, float("-inf"))
