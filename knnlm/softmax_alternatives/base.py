@@ -12,6 +12,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from knnlm.models.fairseq_lm import output_logprobs
+
 
 @torch.no_grad()
 def _affine(module: nn.Module, dim: int, like: Tensor) -> tuple[Tensor, Tensor]:
@@ -31,6 +33,15 @@ def output_log_probs(decoder: nn.Module, features: Tensor) -> Tensor:
         flat = features.reshape(1, -1, features.shape[-1])
         return adaptive.get_log_prob(flat, None).reshape(*features.shape[:-1], -1).float()
     return torch.log_softmax(decoder.output_layer(features).float(), dim=-1)
+
+
+def output_target_log_probs(decoder: nn.Module, features: Tensor, targets: Tensor) -> Tensor:
+    """log P_LM(``targets`` | h) for ``ffn`` features ``[..., D]`` (float32, ``targets``' shape):
+    ``output_log_probs`` at the targets without its ``[..., V]`` table (an adaptive softmax
+    evaluates each tail cluster only for the positions whose target lies in it)."""
+    flat = features.float().reshape(-1, features.shape[-1])
+    output = flat if getattr(decoder, "adaptive_softmax", None) is not None else decoder.output_layer(flat)
+    return output_logprobs(decoder, output, targets.reshape(-1)).reshape(targets.shape)
 
 
 def output_linear_map(decoder: nn.Module) -> tuple[Tensor, Tensor, bool]:

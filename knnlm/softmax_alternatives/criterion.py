@@ -47,7 +47,7 @@ class DatastoreReplacementCriterion(FairseqCriterion):
 
     def objective(self, model, net_input: dict, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(per-token objective, per-token head NLL), both ``[B, T]``; only ``distill`` needs the
-        head's whole distribution, the others its targets' log-probabilities."""
+        whole distributions (head and base), the others the targets' log-probabilities."""
         if self.ds_loss == "distill":
             head, keys = model(**net_input)
             head = head.float().clamp(min=LOG_FLOOR)
@@ -57,8 +57,7 @@ class DatastoreReplacementCriterion(FairseqCriterion):
         head_t = head_t.float().clamp(min=LOG_FLOOR)
         if self.ds_loss == "ce":
             return -head_t, -head_t
-        base_t = model.base_log_probs(keys).float().gather(-1, target.unsqueeze(-1)).squeeze(-1)
-        return -interpolate(base_t, head_t, self.lam), -head_t
+        return -interpolate(model.base_target_log_probs(keys, target), head_t, self.lam), -head_t
 
     def forward(self, model, sample, reduce: bool = True):
         target = sample["target"]

@@ -26,7 +26,7 @@ from knnlm.errors import KnnlmError
 from knnlm.models.capture import KEY_TYPES, KeyCapture, key_dim
 from knnlm.models.loading import fairseq_hydra_compat
 from knnlm.softmax_alternatives.aggregation import sized_row_word, uniform_row_word
-from knnlm.softmax_alternatives.base import output_linear_map, output_log_probs
+from knnlm.softmax_alternatives.base import output_linear_map, output_log_probs, output_target_log_probs
 from knnlm.softmax_alternatives.clusters import load_clusters
 from knnlm.softmax_alternatives.heads import ClusteredDatastore, LearnedDatastore, MixtureOfSoftmaxes
 
@@ -170,6 +170,11 @@ class DatastoreReplacementLM(BaseFairseqModel):
         """The frozen base LM's log-probabilities for the same positions (from its ``ffn`` features)."""
         with torch.no_grad():
             return output_log_probs(self.base.decoder, keys["ffn"])
+
+    def base_target_log_probs(self, keys: dict[str, Tensor], target: Tensor) -> Tensor:
+        """``base_log_probs`` at ``target`` alone, ``[B, T]``."""
+        with torch.no_grad():
+            return output_target_log_probs(self.base.decoder, keys["ffn"], target)
 
     def get_normalized_probs(self, net_output, log_probs: bool, sample=None) -> Tensor:
         lp = net_output[0].float()
