@@ -175,6 +175,23 @@ def test_figure_is_a_png_and_lists_what_it_lacks(tmp_path):
     ]
 
 
+def test_figure_draws_each_models_tuned_tau_and_says_when_a_sweep_lacks(tmp_path):
+    from knnlm.report.registry import RenderContext
+    from knnlm.report.ton2022 import CURVES, collect, curve_points
+
+    (tau_curve,) = [c for c in CURVES if c.cell == "tuned_tau"]
+    lines = load_results([write_lines(tmp_path / "results.jsonl", ton_lines())])
+    _, (block,) = collect(lines, RenderContext(out_dir=tmp_path, where={}))
+    missing: list[str] = []
+    points = curve_points([row for row in block.rows if not row.absent], tau_curve, missing)
+    # best valid perplexity of each seed's sweep: ω=0: 70 and 71; ω=1: 69 and 69.5
+    assert [(w, round(m, 4), round(s, 4)) for w, m, s in points] == [(0.0, 70.5, 0.7071), (1.0, 69.25, 0.3536)]
+    assert missing == []
+    no_sweep = [r for r in ton_lines() if not (r["knobs"]["split"] == "test" and r["knobs"]["labels"]["omega"] == 1)]
+    figure = render(tmp_path / "no-sweep", no_sweep)["ton2022_figure1"]
+    assert "kNN-LM, tuned τ and λ, ω=1: missing (see ton2022_table)" in figure.missing
+
+
 def test_lines_without_omega_render_nothing_and_say_so(tmp_path):
     rendered = render(tmp_path, [result(split="valid")])
     assert rendered["ton2022_figure1"].files == []

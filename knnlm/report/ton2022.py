@@ -393,14 +393,17 @@ class Curve:
     """One plotted series: which cell of the row it reads and which metric."""
 
     label: str
-    cell: str  # "tuned" | "fixed" | "models"
+    cell: str  # "tuned" | "fixed" | "tuned_tau" | "models"
     metric: str
 
 
+#: the paper's three series, plus the kNN-LM at each model's own tuned τ: where ω changes the keys'
+#: scale, τ = 1 means a different temperature for every ω, and only this curve compares retrieval alone
 CURVES = (
     Curve("LM", "models", "lm_ppl"),
     Curve("kNN-LM, tuned λ", "tuned", "interp_ppl"),
     Curve("kNN-LM, λ=0.3", "fixed", "interp_ppl"),
+    Curve("kNN-LM, tuned τ and λ", "tuned_tau", TAU_METRIC),
 )
 
 
@@ -409,7 +412,7 @@ def _curve_values(row: OmegaRow, curve: Curve) -> tuple[str, list[Any]]:
     if curve.cell == "models":
         models = row.models()
         return ("ok", [line.metric(curve.metric) for line in models.values()]) if models else (MISSING, [])
-    cell = row.tuned if curve.cell == "tuned" else row.fixed
+    cell = {"tuned": row.tuned, "fixed": row.fixed, "tuned_tau": row.tuned_tau}[curve.cell]
     return cell.status, cell.values(curve.metric) if cell.status == "ok" else []
 
 
