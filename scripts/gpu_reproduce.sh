@@ -19,7 +19,7 @@ machine with Python 3.12, torch (CUDA), numpy and matplotlib but no network:
             {1, 2, 3}, ω ∈ {0.1, 10} × seed 1, moco_queue ω = 1 × seed 1; the small recipe of
             scripts/lib.sh (knnlm_transformer_lm_small, same optimizer settings) in fp32, without
             --cpu; one epoch at a time until an epoch lowers the best validation perplexity by
-            less than 1% (`plateaued`), and no epoch past TRAIN_UNTIL: a model cut there is marked
+            less than 1% (`plateaued`, not before epoch 3), and no epoch past TRAIN_UNTIL: a model cut there is marked
             `time` in training.tsv and report.md
   evaluate  each model once trained: scripts/knnlm_pipeline.sh with SEARCH=exact DEVICE=cuda, att
             keys of all train tokens, full valid and test splits, exact L2 neighbours (k = 1024),
@@ -55,7 +55,7 @@ Environment: DATA (data-bin/wikitext-2), WHEELS (.whl), PYTHON (python3), SCRATC
 (/tmp/knnlm-gpu-reproduce), DEVICE (cuda; cpu for a trial), MODELS ("criterion:ω:seed ..."), XU (1;
 0 leaves Xu's Table 1 out), seconds from the start: TRAIN_UNTIL (300), EVAL_UNTIL (460),
 ANALYSIS_UNTIL (505), BUDGET (530); TAU_POINTS (21, the analysis' τ grid), EVAL_DISK_GB (8) and
-XU_DISK_GB (8): free disk each evaluation waits for; EPOCHS, MIN_GAIN, PATIENCE (scripts/lib.sh);
+XU_DISK_GB (8): free disk each evaluation waits for; EPOCHS, MIN_GAIN, PATIENCE, MIN_EPOCHS (scripts/lib.sh);
 K_MAX, EVAL_LIMIT, TEMPERATURES (scripts/knnlm_pipeline.sh).
 EOF
 }

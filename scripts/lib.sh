@@ -74,7 +74,7 @@ baevski_auli_args() {  # arch max-update warmup per-gpu-batches: Baevski & Auli 
 set_train_args() {  # recipe: fills TRAIN_ARGS for small | wiki2 | wiki103
   case $1 in
     small)  # CPU-sized; trained one epoch at a time until the validation perplexity plateaus
-            # (see plateaued: MIN_GAIN, PATIENCE), at most EPOCHS (default 60) passes over WikiText-2;
+            # (see plateaued: MIN_GAIN, PATIENCE, MIN_EPOCHS), at most EPOCHS (default 60) passes over WikiText-2;
             # TRAIN_DEVICE=cuda trains the same recipe on the GPU (scripts/gpu_reproduce.sh)
       TRAIN_ARGS=(--arch knnlm_transformer_lm_small --tokens-per-sample 256 --max-tokens 4096
         --optimizer adam --adam-betas '(0.9,0.98)' --clip-norm 0.1 --lr 0.001
@@ -109,7 +109,7 @@ train_lm() {  # recipe data save-dir omega seed criterion [fairseq-train options
   if [ "$recipe" = small ]; then
     # one epoch per call, so that the stopping rule sees every sitting's epochs (fairseq's own
     # --patience counter starts again at each restart)
-    while ! plateaued "$dir/train.log" "${MIN_GAIN:-0.01}" "${PATIENCE:-1}"; do
+    while ! plateaued "$dir/train.log" "${MIN_GAIN:-0.01}" "${PATIENCE:-1}" "${MIN_EPOCHS:-3}"; do
       epoch=$(valid_ppls "$dir/train.log" | tail -n 1 | cut -d ' ' -f 1)
       [ "${epoch:-0}" -lt "${EPOCHS:-60}" ] || { stop=epochs; break; }
       # with a deadline, an epoch starts only if the one before it would still fit, and is cut at it
@@ -147,12 +147,14 @@ valid_ppls() {  # fairseq-log: "EPOCH PPL" for each validated epoch (its last re
     | awk '{ppl[$1 + 0] = $2} END {for (e in ppl) print e, ppl[e]}' | sort -n
 }
 
-plateaued() {  # fairseq-log min-gain patience: true once PATIENCE epochs in a row have each failed to
-  # lower the best validation perplexity so far by the fraction MIN_GAIN (0 and 3: fairseq's --patience 3)
-  valid_ppls "$1" | awk -v gain="$2" -v patience="$3" '
+plateaued() {  # fairseq-log min-gain patience [min-epochs]: true once PATIENCE epochs in a row have each
+  # failed to lower the best validation perplexity so far by the fraction MIN_GAIN (0 and 3: fairseq's
+  # --patience 3), and never before MIN_EPOCHS validated epochs (default 1): a large activation-L2 weight
+  # collapses the keys in its first epochs, during which the validation loss may rise before it falls
+  valid_ppls "$1" | awk -v gain="$2" -v patience="$3" -v min_epochs="${4:-1}" '
     NR == 1 {best = $2; next}
     {strikes = ($2 < best * (1 - gain)) ? 0 : strikes + 1; if ($2 < best) best = $2}
-    END {exit !(NR > 1 && strikes >= patience)}'
+    END {exit !(NR > 1 && NR >= min_epochs && strikes >= patience)}'
 }
 
 train_seconds() {  # save-dir: seconds of training over all sittings, the sum of fairseq's per-epoch train_wall

@@ -17,8 +17,10 @@ kNN-LM (att keys, L2, k=1024, valid split, λ=0.3 and tuned), then mean ± std o
 Scales:
   small   CPU: WikiText-2 (word level), knnlm_transformer_lm_small trained one epoch at a time until
           the validation perplexity plateaus: PATIENCE (default 1) epochs in a row each lower the
-          best so far by less than MIN_GAIN (default 0.01, i.e. 1%); at most EPOCHS (default 60).
-          MIN_GAIN=0 PATIENCE=3 is fairseq's --patience 3. Full valid and test splits (EVAL_LIMIT
+          best so far by less than MIN_GAIN (default 0.01, i.e. 1%), never before MIN_EPOCHS
+          (default 3: a large ω collapses the keys in the first epochs, and the validation
+          perplexity may rise meanwhile); at most EPOCHS (default 60). MIN_GAIN=0 PATIENCE=3
+          MIN_EPOCHS=1 is fairseq's --patience 3. Full valid and test splits (EVAL_LIMIT
           to cut them). Default models, in this order: ω ∈ {0, 1} × seeds
           {1, 2, 3}, ω ∈ {0.1, 10} × seed 1, moco_queue ω = 1 × seed 1.
   paper   GPU: WikiText-2 with knnlm_transformer_lm_wiki2 (Table 1) and WikiText-103 with
@@ -55,7 +57,7 @@ runs/ton2022-<scale>/<dataset>/<name>/ (pipeline), <out>/results.jsonl, <out>/tr
 <out>/temperature/ (knnlm analyze temperature over the first seed's models, with the ω = 0 LM shared),
 <out>/analyses/ (Figure 2 and the clustering analysis, ω = 0 vs ω = 1); with two datasets the last
 three folders get a -<dataset> suffix.
-Environment: EPOCHS, PATIENCE, MIN_GAIN, EVAL_LIMIT, KEEP_NEIGHBOURS (first-seed|all), TEMPERATURES (every model's
+Environment: EPOCHS, PATIENCE, MIN_GAIN, MIN_EPOCHS, EVAL_LIMIT, KEEP_NEIGHBOURS (first-seed|all), TEMPERATURES (every model's
 τ sweep, default 0.001-0.05 then scripts/lib.sh default_temperatures), GPUS (paper: GPUs per training; default all that nvidia-smi
 lists), WIKI2_MAX_UPDATE/WIKI2_WARMUP (paper WikiText-2 schedule), and the variables of
 scripts/knnlm_pipeline.sh.

@@ -295,9 +295,10 @@ def test_ton2022_small_trains_each_omega_once_and_labels_its_results(sandbox):
     log = calls(sandbox)
     assert log[0] == "knnlm prepare wikitext-2 --dest data-bin"
     trains = [c for c in log if c.startswith("fairseq-train")]
-    # one call per epoch, until an epoch lowers the validation perplexity by less than 1% (here the second)
-    assert len(trains) == 4 and "--activation-weight 0.1 --knn-key att" in trains[2]
-    assert [t.split()[-1] for t in trains] == ["1", "2", "1", "2"]
+    # one call per epoch, until an epoch lowers the validation perplexity by less than 1% (here the
+    # second), but never fewer than MIN_EPOCHS (3)
+    assert len(trains) == 6 and "--activation-weight 0.1 --knn-key att" in trains[3]
+    assert [t.split()[-1] for t in trains] == ["1", "2", "3", "1", "2", "3"]
     for flag in ("--arch knnlm_transformer_lm_small", "--ddp-backend legacy_ddp", "--criterion activation_l2",
                  "--cpu --num-workers 0 --max-epoch 1"):
         assert flag in trains[0]
@@ -319,9 +320,9 @@ def test_ton2022_small_trains_each_omega_once_and_labels_its_results(sandbox):
         f"--log {rel}/models/wikitext-2.w0.1-s1.log --label ω=0.1 --out {rel}/training",
     ]
     assert len((out / "results.jsonl").read_text().splitlines()) == 2
-    # each model's end-of-epoch log lines are kept beside its result lines (two epochs: 4 lines)
+    # each model's end-of-epoch log lines are kept beside its result lines (three epochs: 6 lines)
     epoch_lines = (out / "models" / "wikitext-2.w0-s1.log").read_text().splitlines()
-    assert len(epoch_lines) == 4 and all(" | train | " in x or " | valid | " in x for x in epoch_lines)
+    assert len(epoch_lines) == 6 and all(" | train | " in x or " | valid | " in x for x in epoch_lines)
     # one row of training facts per finished model, kept beside its result lines
     rows = (out / "training.tsv").read_text().splitlines()
     assert rows[0].split("\t")[:4] == ["dataset", "criterion", "omega", "seed"] and len(rows) == 3
@@ -331,7 +332,7 @@ def test_ton2022_small_trains_each_omega_once_and_labels_its_results(sandbox):
     assert run_script(sandbox, "repo/scripts/ton2022.sh", "--scale", "small", "--omegas", "0").returncode == 0
     assert run_script(sandbox, "repo/scripts/xu2023.sh", "--scale", "small").returncode == 0
     log = calls(sandbox)
-    assert len([c for c in log if c.startswith("fairseq-train")]) == 4
+    assert len([c for c in log if c.startswith("fairseq-train")]) == 6
     assert (
         "pipeline CKPT=checkpoints/ton2022-small/wikitext-2/w0-s1/checkpoint_best.pt DATA=data-bin/wikitext-2 "
         "OUT=runs/xu2023-small KEY_TYPES=att,ffn METRICS=l2,ip TPS=256 EVAL_LIMIT= EXACT_LIMIT=20000 "
@@ -507,27 +508,33 @@ def test_ton2022_small_default_set_is_the_converged_reproduction(sandbox):
                      ("activation_l2", "0.1", "1"), ("activation_l2", "10", "1"), ("moco_queue", "1", "1")]
     # a rerun trains nothing again
     assert run_script(sandbox, "repo/scripts/ton2022.sh", "--scale", "small").returncode == 0
-    assert len([c for c in calls(sandbox) if c.startswith("fairseq-train")]) == 18
+    assert len([c for c in calls(sandbox) if c.startswith("fairseq-train")]) == 27  # 3 epochs each (MIN_EPOCHS)
 
 
 @pytest.mark.parametrize(
-    ("ppls", "gain", "patience", "stopped"),
+    ("ppls", "gain", "patience", "min_epochs", "stopped"),
     [
-        ("300 200 199", "0.01", "1", True),  # 0.5% < 1%
-        ("300 200 190", "0.01", "1", False),
-        ("300 200 201 199", "0", "3", False),  # fairseq's --patience 3: two epochs without a new best
-        ("300 200 201 202 200", "0", "3", True),
-        ("300 200 199 198.5 198", "0.01", "2", True),  # each < 1% below the best before it
-        ("300", "0.01", "1", False),
+        ("300 200 199", "0.01", "1", "", True),  # 0.5% < 1%
+        ("300 200 190", "0.01", "1", "", False),
+        ("300 200 201 199", "0", "3", "", False),  # fairseq's --patience 3: two epochs without a new best
+        ("300 200 201 202 200", "0", "3", "", True),
+        ("300 200 199 198.5 198", "0.01", "2", "", True),  # each < 1% below the best before it
+        ("300", "0.01", "1", "", False),
+        ("982 991", "0.01", "1", "", True),  # ω = 10: the epoch the keys collapse in is worse than the first
+        ("982 991", "0.01", "1", "3", False),  # ... which the rule does not judge before epoch 3
+        ("982 991 600", "0.01", "1", "3", False),
+        ("982 991 980", "0.01", "1", "3", True),
+        ("300 200 199", "0.01", "1", "3", True),  # from epoch 3 on, the rule as before
     ],
 )
-def test_plateaued_is_the_stopping_rule(tmp_path, ppls, gain, patience, stopped):
+def test_plateaued_is_the_stopping_rule(tmp_path, ppls, gain, patience, min_epochs, stopped):
     log = tmp_path / "train.log"
     lines = [f"x | INFO | valid | epoch {e:03d} | valid on 'valid' subset | loss 7 | ppl {p} | wps 1"
              for e, p in enumerate(ppls.split(), start=1)]
     log.write_text("\n".join(["x | INFO | valid | epoch 001 | valid on 'valid' subset | loss 9 | ppl 999 | wps 1",
                               *lines]) + "\n")  # a repeated epoch (an interrupted sitting) counts once, the last
-    proc = subprocess.run(["bash", "-c", f"source {SCRIPTS / 'lib.sh'}; plateaued {log} {gain} {patience}"])
+    call = f"plateaued {log} {gain} {patience} {min_epochs}"
+    proc = subprocess.run(["bash", "-c", f"source {SCRIPTS / 'lib.sh'}; {call}"])
     assert (proc.returncode == 0) is stopped
 
 
