@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 
 from knnlm.report import RENDERERS, load_results, render_report
+from knnlm.report.registry import RenderContext
+from knnlm.report.ton2022 import CURVES, collect, curve_points
 
 from .conftest import with_python_on_path
 from .test_report import PNG_MAGIC, result, write_lines
@@ -176,9 +178,6 @@ def test_figure_is_a_png_and_lists_what_it_lacks(tmp_path):
 
 
 def test_figure_draws_each_models_tuned_tau_and_says_when_a_sweep_lacks(tmp_path):
-    from knnlm.report.registry import RenderContext
-    from knnlm.report.ton2022 import CURVES, collect, curve_points
-
     (tau_curve,) = [c for c in CURVES if c.cell == "tuned_tau"]
     lines = load_results([write_lines(tmp_path / "results.jsonl", ton_lines())])
     _, (block,) = collect(lines, RenderContext(out_dir=tmp_path, where={}))
