@@ -191,6 +191,44 @@ def test_figure_draws_each_models_tuned_tau_and_says_when_a_sweep_lacks(tmp_path
     assert "kNN-LM, tuned τ and λ, ω=1: missing (see ton2022_table)" in figure.missing
 
 
+def moco_lines() -> list[dict]:
+    """An Eq. 1 model (moco_queue) at ω=1 seed 1: the same knobs as the Eq. 2 model but the criterion."""
+    labels = {"omega": 1, "seed": 1, "train_ppl": 58.0, "dataset": "wikitext-2", "cache": "full",
+              "criterion": "moco_queue"}
+    knobs = {"split": "valid", "labels": labels, "checkpoint": "sha256:moco", "index": {"factory": "IVF2048,PQ32",
+             "nprobe": 32, "path": "runs/moco-w1-s1/index/att.l2.faiss"}}
+    records = [result({"lm_ppl": 75.0, "interp_ppl": 71.5, "lambda_used": 0.2}, **knobs),
+               result({"lm_ppl": 75.0, "interp_ppl": 72.0, "lambda_used": 0.3}, **knobs, **{"lambda": 0.3})]
+    for tau, valid in ((0.5, 71.0), (1.0, 71.5)):
+        records.append(result({"valid_interp_ppl": valid}, **{**knobs, "split": "test", "temperature": tau}))
+    return records
+
+
+def test_eq1_models_get_their_own_row_and_stay_out_of_the_omega_sweep(tmp_path):
+    eq2 = [dict(r, knobs={**r["knobs"], "labels": {**r["knobs"]["labels"], "criterion": "activation_l2"}})
+           for r in ton_lines() if r["knobs"]["labels"]["omega"] == 1]
+    rendered = render(tmp_path, ton_lines() + moco_lines())
+    table = rendered["ton2022_table"]
+    # the ω=1 row is the Eq. 2 models' alone, exactly as without the moco lines
+    assert (
+        "| 1 | 2 (1, 2) | 61.00 ± 0.00 (n=2) | 76.30 ± 0.14 (n=2) | missing | 70.70 ± 0.28 (n=2) | 0.30 ± 0.00 (n=2) "
+        "| 69.25 ± 0.35 (n=2) | 0.5 (edge), 0.5 (edge) |" in table.markdown
+    )
+    assert ("| 1, Eq. 1 (moco_queue) | 1 (1) | 58.00 | 75.00 | 72.00 | 71.50 | 0.20 | 71.00 | 0.5 (edge) |"
+            in table.markdown)
+    assert table.markdown.index("| 10 |") < table.markdown.index("| 1, Eq. 1 (moco_queue) |")
+    assert "Eq. 1 (moco_queue), ω=1, tuned τ: at the edge of the τ sweep (seed 1: 0.5–1)" in table.missing[-1]
+    # labelled activation_l2 lines are the same Eq. 2 rows as unlabelled ones
+    labelled = render(tmp_path / "labelled", [r for r in ton_lines() if r["knobs"]["labels"]["omega"] != 1] + eq2)
+    assert "| 1 | 2 (1, 2) | 61.00 ± 0.00 (n=2) | 76.30 ± 0.14 (n=2) |" in labelled["ton2022_table"].markdown
+    only_moco = render(tmp_path / "only", ton_lines() + moco_lines(), **{"labels.criterion": "moco_queue"})
+    assert "| 0 |" not in only_moco["ton2022_table"].markdown
+    assert "| 1, Eq. 1 (moco_queue) | 1 (1) |" in only_moco["ton2022_table"].markdown
+    figure = rendered["ton2022_figure1"]
+    assert "in the table only: Eq. 1 (moco_queue), ω=1." in figure.markdown
+    assert not any("moco" in m for m in figure.missing)
+
+
 def test_lines_without_omega_render_nothing_and_say_so(tmp_path):
     rendered = render(tmp_path, [result(split="valid")])
     assert rendered["ton2022_figure1"].files == []

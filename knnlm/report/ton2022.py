@@ -9,6 +9,9 @@ at λ = 0.3 (its best fixed λ) and at λ tuned on validation; those are the def
 here, and ``knnlm report --where KNOB=VALUE`` changes or adds constraints. WIKI-2
 (Table 1) and WIKI-103 (Table 2) are told apart by ``labels.dataset``; each dataset
 found gets its own table and figure. Settings without lines are listed, never filled in.
+The ω rows are the Eq. 2 models (``labels.criterion`` activation_l2, or no criterion label);
+models of another criterion (Eq. 1, ``moco_queue``) get rows of their own below them, in the
+table only: the figure is the ω sweep of Eq. 2.
 """
 
 from __future__ import annotations
@@ -48,6 +51,11 @@ OMEGA = "labels.omega"
 SEED = "labels.seed"
 DATASET = "labels.dataset"
 TRAIN_PPL = "labels.train_ppl"
+CRITERION = "labels.criterion"
+#: the criterion of the paper's ω sweep (Eq. 2); a line without labels.criterion is read as it
+EQ2 = "activation_l2"
+#: the paper's name for each other criterion's rows
+CRITERION_NAMES = {"moco_queue": "Eq. 1"}
 
 
 @dataclass(frozen=True)
@@ -163,6 +171,24 @@ class OmegaRow:
     tuned: SeedCell
     fixed: SeedCell
     tuned_tau: TauSweepCell
+    criterion: str = EQ2
+
+    @property
+    def name(self) -> str:
+        """How messages name the row: ``ω=1``, or ``Eq. 1 (moco_queue), ω=1`` for another criterion."""
+        omega = f"ω={fmt_omega(self.omega)}"
+        return omega if self.criterion == EQ2 else f"{self._criterion_text}, {omega}"
+
+    @property
+    def label(self) -> str:
+        """The table's first cell: ω, and the criterion when it is not Eq. 2."""
+        omega = fmt_omega(self.omega)
+        return omega if self.criterion == EQ2 else f"{omega}, {self._criterion_text}"
+
+    @property
+    def _criterion_text(self) -> str:
+        paper = CRITERION_NAMES.get(self.criterion)
+        return f"{paper} ({self.criterion})" if paper else self.criterion
 
     @property
     def absent(self) -> bool:
@@ -205,10 +231,11 @@ def _omega_wanted(omega: float, wanted: Any) -> bool:
     return same_value(omega, wanted)
 
 
-def _omegas(candidates: Sequence[ResultLine], where: Mapping[str, Any]) -> list[float]:
+def _omegas(candidates: Sequence[ResultLine], where: Mapping[str, Any], listed: Sequence[float] = ()) -> list[float]:
+    """The ω of the lines, plus ``listed`` (the paper's rows, shown even when missing), as ``where`` allows."""
     present = [line.knobs[OMEGA] for line in candidates if isinstance(line.knobs.get(OMEGA), int | float)]
     omegas: list[float] = []
-    for omega in (*PAPER_OMEGAS, *present):
+    for omega in (*listed, *present):
         if not any(same_value(omega, seen) for seen in omegas):
             omegas.append(omega)
     if OMEGA in where:
@@ -232,19 +259,31 @@ def collect(lines: Sequence[ResultLine], ctx: RenderContext) -> tuple[dict[str, 
     blocks = []
     for name in datasets:
         mine = [line for line in candidates if line.knobs.get(DATASET) == name]
+        others = [c for c in dict.fromkeys(_criterion(line) for line in mine) if c != EQ2]
+        criteria = ([EQ2] if ctx.where.get(CRITERION, EQ2) == EQ2 else []) + others
         rows = []
-        for omega in _omegas(mine, ctx.where):
-            where = {**fixed, DATASET: name, OMEGA: omega}
-            rows.append(
-                OmegaRow(
-                    omega,
-                    seed_cell(mine, {**where, "lambda": "tune"}),
-                    seed_cell(mine, {**where, "lambda": FIXED_LAMBDA}),
-                    tuned_tau_cell(sweep, {**sweep_fixed, DATASET: name, OMEGA: omega}),
+        for criterion in criteria:
+            of_criterion = [line for line in mine if _criterion(line) == criterion]
+            its_sweep = [line for line in sweep if _criterion(line) == criterion]
+            for omega in _omegas(of_criterion, ctx.where, PAPER_OMEGAS if criterion == EQ2 else ()):
+                where = {**fixed, DATASET: name, OMEGA: omega}
+                rows.append(
+                    OmegaRow(
+                        omega,
+                        seed_cell(of_criterion, {**where, "lambda": "tune"}),
+                        seed_cell(of_criterion, {**where, "lambda": FIXED_LAMBDA}),
+                        tuned_tau_cell(its_sweep, {**sweep_fixed, DATASET: name, OMEGA: omega}),
+                        criterion,
+                    )
                 )
-            )
         blocks.append(DatasetBlock(name, tuple(rows)))
     return fixed, blocks
+
+
+def _criterion(line: ResultLine) -> str:
+    """The line's training criterion (labels.criterion); Eq. 2 when it does not say."""
+    criterion = line.knobs.get(CRITERION)
+    return EQ2 if criterion is None else str(criterion)
 
 
 def _describe(where: Mapping[str, Any]) -> str:
@@ -296,7 +335,7 @@ def _model_text(values: Sequence[Any], n_seeds: int) -> str:
 
 def _row(row: OmegaRow, fixed: Mapping[str, Any], missing: list[str]) -> list[str]:
     """The cells of one ω, and what it lacks (cells, seeds, train ppl) appended to ``missing``."""
-    name = f"ω={fmt_omega(row.omega)}"
+    name = row.name
     models = row.models()
     seeds = list(models)
     if row.absent:  # said once for the row rather than once per column
@@ -329,7 +368,7 @@ def _row(row: OmegaRow, fixed: Mapping[str, Any], missing: list[str]) -> list[st
         f"{line.knobs.get('temperature'):g}" + (" (edge)" if s in edge else "") for s, line in tau.by_seed.items()
     ) or "–"
     return [
-        fmt_omega(row.omega),
+        row.label,
         _seeds_text(seeds),
         _model_text(known, len(seeds)),
         _model_text(lm, len(seeds)),
@@ -364,7 +403,8 @@ def render_table(lines: Sequence[ResultLine], ctx: RenderContext) -> Rendered:
         "the model alone. kNN-LM: interpolated with λ=0.3, and with λ tuned on the same valid split it is "
         "reported on (the paper reports validation perplexity), both at τ=1. kNN-LM tuned τ, λ: valid "
         "perplexity at the τ of the model's τ sweep (test-split lines, λ tuned on valid at each τ) that is "
-        "best on valid; tuned τ: that τ, per seed."
+        "best on valid; tuned τ: that τ, per seed. Rows: the activation-L2 models (Eq. 2; a line without "
+        "labels.criterion is one) by ω, then the models of any other criterion (Eq. 1: moco_queue)."
     )
     missing: list[str] = []
     if not blocks:
@@ -421,7 +461,7 @@ def curve_points(rows: Sequence[OmegaRow], curve: Curve, missing: list[str]) -> 
     points = []
     for row in rows:
         status, values = _curve_values(row, curve)
-        name = f"{curve.label}, ω={fmt_omega(row.omega)}"
+        name = f"{curve.label}, {row.name}"
         if status != "ok":
             missing.append(f"{name}: {status} (see ton2022_table)")
             continue
@@ -483,10 +523,11 @@ def render_figure(lines: Sequence[ResultLine], ctx: RenderContext) -> Rendered:
         md += ["", f"Not drawn: {missing[0]}."]
     for block in blocks:
         block_missing: list[str] = []
-        absent = [fmt_omega(row.omega) for row in block.rows if row.absent]
+        sweep = [row for row in block.rows if row.criterion == EQ2]
+        absent = [fmt_omega(row.omega) for row in sweep if row.absent]
         if absent:
             block_missing.append(f"ω={', '.join(absent)}: no lines (see ton2022_table)")
-        rows = [row for row in block.rows if not row.absent]
+        rows = [row for row in sweep if not row.absent]
         drawn = [(curve, pts) for curve in CURVES if (pts := curve_points(rows, curve, block_missing))]
         md += ["", f"#### {block.heading}", ""]
         if drawn:
@@ -496,6 +537,9 @@ def render_figure(lines: Sequence[ResultLine], ctx: RenderContext) -> Rendered:
             md.append(f"![{FIGURE_TITLE}]({path.name})")
         else:
             md.append("Not drawn: no ω has a line.")
+        elsewhere = [row.name for row in block.rows if row.criterion != EQ2]
+        if elsewhere:
+            md.append(f"Not on the ω axis of Eq. 2, in the table only: {', '.join(elsewhere)}.")
         if block_missing:
             md += ["", "Missing or ambiguous (not drawn):", *(f"- {m}" for m in block_missing)]
         prefix = f"{block.heading}: " if len(blocks) > 1 else ""
