@@ -92,11 +92,17 @@ set_train_args() {  # recipe: fills TRAIN_ARGS for small | wiki2 | wiki103
 
 train_lm() {  # recipe data save-dir omega seed criterion [fairseq-train options...]: train once, then reuse
   # small recipe: TRAIN_DEADLINE (a `date +%s` time) caps its wall time; how it stopped goes to train.stop
-  local recipe=$1 data=$2 dir=$3 omega=$4 seed=$5 criterion=$6 epoch stop=plateau t0 last=0 rc limit left
+  local recipe=$1 data=$2 dir=$3 omega=$4 seed=$5 criterion=$6 epoch stop='' t0 last=0 rc limit left
   shift 6
   if [ -f "$dir/train.done" ] && [ -f "$dir/checkpoint_best.pt" ]; then
-    echo "reusing $dir/checkpoint_best.pt (delete $dir/train.done to train again)"
-    return 0
+    # a small-recipe model finished under another stopping rule is trained on until this one stops it
+    # (one without a training log, a checkpoint brought from elsewhere, is taken as it is)
+    if [ "$recipe" != small ] || [ ! -s "$dir/train.log" ] || [ -n "$(stop_reason "$dir/train.log")" ]; then
+      echo "reusing $dir/checkpoint_best.pt (delete $dir/train.done to train again)"
+      return 0
+    fi
+    echo "$dir was finished under another stopping rule: training on until $(stopping_rule) stops it"
+    rm -f "$dir/train.done"
   fi
   set_train_args "$recipe"
   mkdir -p "$dir"
@@ -109,9 +115,8 @@ train_lm() {  # recipe data save-dir omega seed criterion [fairseq-train options
   if [ "$recipe" = small ]; then
     # one epoch per call, so that the stopping rule sees every sitting's epochs (fairseq's own
     # --patience counter starts again at each restart)
-    while ! plateaued "$dir/train.log" "${MIN_GAIN:-0.01}" "${PATIENCE:-1}" "${MIN_EPOCHS:-3}"; do
+    while stop=$(stop_reason "$dir/train.log"); [ -z "$stop" ]; do
       epoch=$(valid_ppls "$dir/train.log" | tail -n 1 | cut -d ' ' -f 1)
-      [ "${epoch:-0}" -lt "${EPOCHS:-60}" ] || { stop=epochs; break; }
       # with a deadline, an epoch starts only if the one before it would still fit, and is cut at it
       limit=()
       if [ -n "${TRAIN_DEADLINE:-}" ]; then
@@ -138,6 +143,20 @@ train_lm() {  # recipe data save-dir omega seed criterion [fairseq-train options
   grep -F -e '| train |' -e '| valid |' "$dir/train.log" | tail -n 2 || true
   # stopped by the deadline: usable, but a later call goes on training it
   [ "$stop" = time ] || touch "$dir/train.done"
+}
+
+stopping_rule() {  # the small recipe's stopping rule as its variables spell it (defaults filled in)
+  echo "MIN_GAIN=${MIN_GAIN:-0.01} PATIENCE=${PATIENCE:-3} MIN_EPOCHS=${MIN_EPOCHS:-3} EPOCHS=${EPOCHS:-60}"
+}
+
+stop_reason() {  # fairseq-log: "plateau" or "epochs" once the small recipe's stopping rule ends training, else nothing
+  local epoch
+  if plateaued "$1" "${MIN_GAIN:-0.01}" "${PATIENCE:-3}" "${MIN_EPOCHS:-3}"; then
+    echo plateau
+    return 0
+  fi
+  epoch=$(valid_ppls "$1" | tail -n 1 | cut -d ' ' -f 1)
+  if [ "${epoch:-0}" -ge "${EPOCHS:-60}" ]; then echo epochs; fi
 }
 
 valid_ppls() {  # fairseq-log: "EPOCH PPL" for each validated epoch (its last report), in epoch order
@@ -178,6 +197,19 @@ train_ppl() {  # fairseq-log: ppl of the last end-of-epoch "| train |" line (2^l
 default_temperatures() {  # the τ grid of Figure 5 and of the datastore-size curves: the paper's 0.1-3 range,
   # then on to 100 (keys with ‖r‖² in the hundreds, like an unregularized small model's, are best at τ in the tens)
   echo 0.1:3.0:0.1,4,5,7,10,15,20,30,50,100
+}
+
+scored_with_other_checkpoint() {  # result-lines checkpoint: print the first 12 hex digits of the checkpoint
+  # sha256 the file's first line was scored with, and succeed, if that is not this checkpoint's (a model
+  # trained on since); fail when the file is absent or its lines do not name a checkpoint
+  local was now
+  [ -s "$1" ] || return 1
+  was=$(python -c 'import json, sys; print(json.loads(open(sys.argv[1]).readline()).get("knobs", {}).get("checkpoint") or "")' \
+    "$1")
+  [ -n "$was" ] || return 1
+  now=$(sha256sum "$2" | cut -d ' ' -f 1)
+  [ "$was" != "$now" ] || return 1
+  echo "${was:0:12}"
 }
 
 run_pipeline() {  # checkpoint data out [VAR=VALUE...]: scripts/knnlm_pipeline.sh with these settings

@@ -16,11 +16,13 @@ kNN-LM (att keys, L2, k=1024, valid split, λ=0.3 and tuned), then mean ± std o
 
 Scales:
   small   CPU: WikiText-2 (word level), knnlm_transformer_lm_small trained one epoch at a time until
-          the validation perplexity plateaus: PATIENCE (default 1) epochs in a row each lower the
+          the validation perplexity plateaus: PATIENCE (default 3) epochs in a row each lower the
           best so far by less than MIN_GAIN (default 0.01, i.e. 1%), never before MIN_EPOCHS
           (default 3: a large ω collapses the keys in the first epochs, and the validation
           perplexity may rise meanwhile); at most EPOCHS (default 60). MIN_GAIN=0 PATIENCE=3
-          MIN_EPOCHS=1 is fairseq's --patience 3. Full valid and test splits (EVAL_LIMIT
+          MIN_EPOCHS=1 is fairseq's --patience 3. A model finished under another rule trains on
+          until this one stops it, and is evaluated again if its checkpoint_best.pt changed (its
+          old result lines move to OUT/superseded/). Full valid and test splits (EVAL_LIMIT
           to cut them). Default models, in this order: ω ∈ {0, 1} × seeds
           {1, 2, 3}, ω ∈ {0.1, 10} × seed 1, moco_queue ω = 1 × seed 1.
   paper   GPU: WikiText-2 with knnlm_transformer_lm_wiki2 (Table 1) and WikiText-103 with
@@ -145,6 +147,20 @@ keep_epoch_lines() {  # checkpoint-dir kept-prefix: the training log's end-of-ep
   grep -F -e '| train |' -e '| valid |' "$1/train.log" > "$2.log" || true
 }
 
+supersede_if_retrained() {  # name checkpoint kept-prefix run-dir: if the kept result lines were scored with
+  # another checkpoint (the model trained on, e.g. under a new stopping rule), move them to superseded/ and
+  # delete the run's caches, which belong to a checkpoint that no longer exists, so that it is evaluated again
+  local name=$1 ckpt=$2 kept=$3 run_dir=$4 was ext
+  was=$(scored_with_other_checkpoint "$kept.jsonl" "$ckpt") || return 0
+  mkdir -p "$OUT_DIR/superseded"
+  for ext in jsonl tsv log; do
+    [ ! -f "$kept.$ext" ] || mv "$kept.$ext" "$OUT_DIR/superseded/$(basename "$kept").$was.$ext"
+  done
+  rm -rf "$run_dir"
+  echo "$name: $ckpt changed since its results were scored (they are in $OUT_DIR/superseded/);" \
+    "its run caches ($run_dir) are deleted and it is evaluated again"
+}
+
 run_one() {  # dataset criterion omega seed: train (or reuse), evaluate, keep the run's result lines
   local dataset=$1 criterion=$2 omega=$3 seed=$4 name ckpt_dir run_dir ppl kept
   name=w$omega-s$seed
@@ -153,6 +169,7 @@ run_one() {  # dataset criterion omega seed: train (or reuse), evaluate, keep th
   run_dir=runs/ton2022-$SCALE/$dataset/$name
   kept=$OUT_DIR/models/$dataset.$name
   train_lm "$(recipe_of "$dataset")" "data-bin/$dataset" "$ckpt_dir" "$omega" "$seed" "$criterion"
+  supersede_if_retrained "$name" "$ckpt_dir/checkpoint_best.pt" "$kept" "$run_dir"
   if [ -f "$kept.jsonl" ] && [ -f "$kept.tsv" ] && ! keeps_neighbours "$criterion" "$seed"; then
     echo "$name is evaluated already ($kept.jsonl; delete it to evaluate again)"
     [ -s "$kept.log" ] || keep_epoch_lines "$ckpt_dir" "$kept"

@@ -122,6 +122,19 @@ reuse_ton2022() {  # ton2022-run: link its finished att datastore, att.l2 index 
   done
 }
 
+drop_stale_run() {  # if RUN_DIR was scored with another checkpoint than CHECKPOINT (the model trained on,
+  # e.g. under a new stopping rule), keep its old lines in OUT_DIR/superseded/ and delete its stale caches
+  local was
+  was=$(scored_with_other_checkpoint "$RUN_DIR/results.jsonl" "$CHECKPOINT") || return 0
+  mkdir -p "$OUT_DIR/superseded"
+  cp "$RUN_DIR/results.jsonl" "$OUT_DIR/superseded/results.$was.jsonl"
+  if [ -f "$RUN_DIR/subsample/results.jsonl" ]; then
+    cp "$RUN_DIR/subsample/results.jsonl" "$OUT_DIR/superseded/subsample.$was.jsonl"
+  fi
+  rm -rf "$RUN_DIR"
+  echo "$CHECKPOINT changed since $RUN_DIR was scored (old lines in $OUT_DIR/superseded/): evaluating it again"
+}
+
 scaled_factory() {  # factory ratio: the factory with its IVF lists scaled by ratio (nearest power of two)
   local nlist
   nlist=$(echo "$1" | sed -n 's/^IVF\([0-9]*\),.*/\1/p')
@@ -190,7 +203,9 @@ if [ "$SCALE" = small ]; then
   train_lm small "$DATA" "$ckpt_dir" 0 1 activation_l2
   CHECKPOINT=$ckpt_dir/checkpoint_best.pt
   TPS=256 CW=128 FACTORY=IVF2048,PQ32 TRAIN_SIZE=200000 NPROBE=32 EXACT_LIMIT=${EXACT_LIMIT:-20000}
-  reuse_ton2022 runs/ton2022-small/wikitext-2/w0-s1
+  drop_stale_run
+  ton=runs/ton2022-small/wikitext-2/w0-s1  # linked only while it belongs to this checkpoint
+  scored_with_other_checkpoint "$ton/results.jsonl" "$CHECKPOINT" > /dev/null || reuse_ton2022 "$ton"
 else
   if [ -z "$CHECKPOINT" ]; then
     DATA=data-bin/wikitext-103-bpe32000
@@ -203,6 +218,7 @@ else
   [ -f "$CHECKPOINT" ] || die "no checkpoint $CHECKPOINT"
   [ -f "$DATA/dict.txt" ] || die "no $DATA/dict.txt: --data must be the checkpoint's data-bin"
   TPS=3072 CW=1536 FACTORY=IVF4096,PQ64 TRAIN_SIZE=1000000 NPROBE=32 EXACT_LIMIT=${EXACT_LIMIT:-0}
+  drop_stale_run
 fi
 
 LABELS=(--label "dataset=$(basename "$DATA")")

@@ -234,8 +234,8 @@ def test_a_stubbed_run_writes_at_most_8_files(sandbox):
     assert not (tmp / "scratch").exists()  # deleted without KEEP_SCRATCH=1
     log = calls.read_text().splitlines()
     trains = [c for c in log if c.startswith("python -m fairseq_cli.train")]
-    # the stub's epochs never gain: three one-epoch calls per model (MIN_EPOCHS; with --cpu: DEVICE=cpu)
-    assert len(trains) == 9 and all("--cpu" in t for t in trains)
+    # the stub's epochs never gain: four one-epoch calls per model (PATIENCE 3; with --cpu: DEVICE=cpu)
+    assert len(trains) == 12 and all("--cpu" in t for t in trains)
     pipelines = [c for c in log if c.startswith("pipeline")]
     own = [c for c in pipelines if "/runs/xu2023" not in c]
     assert len(own) == 3 and all("KEY_TYPES=att METRICS=l2 SEARCH=exact DEVICE=cpu" in c for c in own)
@@ -256,7 +256,7 @@ def test_a_stubbed_run_writes_at_most_8_files(sandbox):
     assert len(lines) == 3 + 4
     rows = (out / "training.tsv").read_text().splitlines()
     assert rows[0].endswith("epochs\tstopped_by") and len(rows) == 4
-    assert all(r.split("\t")[-2:] == ["3", "plateau"] for r in rows[1:])
+    assert all(r.split("\t")[-2:] == ["4", "plateau"] for r in rows[1:])
     report = (out / "report.md").read_text()
     assert "exact neighbours" in report and "IVF2048,PQ32" in report and "ω=0: mean‖q‖² 100.0" in report
     timings = (out / "timings.tsv").read_text()

@@ -239,17 +239,25 @@ def test_lines_without_omega_render_nothing_and_say_so(tmp_path):
 
 # --- scripts -----------------------------------------------------------------------------------
 
-# trains up to --max-epoch (default 1); validation perplexity 194.01 after epoch 1, 193.5 (a gain < 1%) after
+# trains up to --max-epoch (default 1); validation perplexity by epoch from STUB_PPLS, the last repeated
+# (default: 194.01 after epoch 1, 193.5, a gain < 1%, after every later one); like fairseq, it rewrites
+# checkpoint_best.pt only at an epoch that lowers the best validation perplexity
 STUB_FAIRSEQ_TRAIN = """#!/usr/bin/env bash
 echo "fairseq-train $*" >> "$CALLS"
 epoch=1
 while [ $# -gt 0 ]; do [ "$1" = --save-dir ] && dir=$2; [ "$1" = --max-epoch ] && epoch=$2; shift; done
-touch "$dir/checkpoint_best.pt" "$dir/checkpoint_last.pt"
-ppl=194.01; [ "$epoch" = 1 ] || ppl=193.5
+read -r -a ppls <<< "${STUB_PPLS:-194.01 193.5}"
+ppl=${ppls[$((epoch - 1))]:-${ppls[-1]}}
+touch "$dir/checkpoint_last.pt"
+best=$(cat "$dir/best_ppl" 2>/dev/null || echo none)
+if [ "$best" = none ] || awk -v p="$ppl" -v b="$best" 'BEGIN {exit !(p + 0 < b + 0)}'; then
+  echo "the model of epoch $epoch" > "$dir/checkpoint_best.pt" && echo "$ppl" > "$dir/best_ppl"
+fi
 t='2024-01-01 00:00:00 | INFO'
 printf "$t | train_inner | epoch %03d:    100 / 200 loss=9.1, ppl=548.2\\n" "$epoch"
 printf "$t | train | epoch %03d | loss 7.438 | ppl 173.42 | wps 5000 | train_wall 60 |\\n" "$epoch"
-printf "$t | valid | epoch %03d | valid on 'valid' subset | loss 7.6 | ppl $ppl | wps 9\\n" "$epoch"
+loss=$(awk -v p="$ppl" 'BEGIN {printf "%.3f", log(p) / log(2)}')
+printf "$t | valid | epoch %03d | valid on 'valid' subset | loss $loss | ppl $ppl | wps 9\\n" "$epoch"
 """
 
 # writes the meta.json by which the scripts know a datastore, index, linked cache or retrieval is complete
@@ -332,10 +340,10 @@ def test_ton2022_small_trains_each_omega_once_and_labels_its_results(sandbox):
     log = calls(sandbox)
     assert log[0] == "knnlm prepare wikitext-2 --dest data-bin"
     trains = [c for c in log if c.startswith("fairseq-train")]
-    # one call per epoch, until an epoch lowers the validation perplexity by less than 1% (here the
-    # second), but never fewer than MIN_EPOCHS (3)
-    assert len(trains) == 6 and "--activation-weight 0.1 --knn-key att" in trains[3]
-    assert [t.split()[-1] for t in trains] == ["1", "2", "3", "1", "2", "3"]
+    # one call per epoch, until three epochs in a row lower the validation perplexity by less than 1%
+    # (here the second to the fourth)
+    assert len(trains) == 8 and "--activation-weight 0.1 --knn-key att" in trains[4]
+    assert [t.split()[-1] for t in trains] == ["1", "2", "3", "4", "1", "2", "3", "4"]
     for flag in ("--arch knnlm_transformer_lm_small", "--ddp-backend legacy_ddp", "--criterion activation_l2",
                  "--cpu --num-workers 0 --max-epoch 1"):
         assert flag in trains[0]
@@ -357,9 +365,9 @@ def test_ton2022_small_trains_each_omega_once_and_labels_its_results(sandbox):
         f"--log {rel}/models/wikitext-2.w0.1-s1.log --label ω=0.1 --out {rel}/training",
     ]
     assert len((out / "results.jsonl").read_text().splitlines()) == 2
-    # each model's end-of-epoch log lines are kept beside its result lines (three epochs: 6 lines)
+    # each model's end-of-epoch log lines are kept beside its result lines (four epochs: 8 lines)
     epoch_lines = (out / "models" / "wikitext-2.w0-s1.log").read_text().splitlines()
-    assert len(epoch_lines) == 6 and all(" | train | " in x or " | valid | " in x for x in epoch_lines)
+    assert len(epoch_lines) == 8 and all(" | train | " in x or " | valid | " in x for x in epoch_lines)
     # one row of training facts per finished model, kept beside its result lines
     rows = (out / "training.tsv").read_text().splitlines()
     assert rows[0].split("\t")[:4] == ["dataset", "criterion", "omega", "seed"] and len(rows) == 3
@@ -369,7 +377,7 @@ def test_ton2022_small_trains_each_omega_once_and_labels_its_results(sandbox):
     assert run_script(sandbox, "repo/scripts/ton2022.sh", "--scale", "small", "--omegas", "0").returncode == 0
     assert run_script(sandbox, "repo/scripts/xu2023.sh", "--scale", "small").returncode == 0
     log = calls(sandbox)
-    assert len([c for c in log if c.startswith("fairseq-train")]) == 6
+    assert len([c for c in log if c.startswith("fairseq-train")]) == 8
     assert (
         "pipeline CKPT=checkpoints/ton2022-small/wikitext-2/w0-s1/checkpoint_best.pt DATA=data-bin/wikitext-2 "
         "OUT=runs/xu2023-small KEY_TYPES=att,ffn METRICS=l2,ip TPS=256 EVAL_LIMIT= EXACT_LIMIT=20000 "
@@ -411,6 +419,41 @@ def test_ton2022_keeps_only_the_first_seeds_neighbours_and_skips_evaluated_model
     assert (runs / "w0-s2" / "cache" / "valid" / "knn" / "att-l2-faiss").is_dir()
     bad = run_script(sandbox, *args, KEEP_NEIGHBOURS="some")
     assert bad.returncode == 2 and "KEEP_NEIGHBOURS must be first-seed or all" in bad.stderr
+
+
+def test_a_model_finished_under_another_rule_trains_on_and_is_evaluated_again(sandbox):
+    """A rule change reaches finished models: each trains on until the new rule stops it; one whose
+    checkpoint_best.pt changed has its old lines moved to superseded/ and its stale caches deleted."""
+    pipeline = sandbox / "scripts" / "knnlm_pipeline.sh"  # lines name the checkpoint they were scored with
+    pipeline.write_text(pipeline.read_text() + 'sha=$(sha256sum "$CKPT" | cut -d " " -f 1)\n'
+                        'echo "{\\"knobs\\": {\\"checkpoint\\": \\"$sha\\"}}" > "$OUT/results.jsonl"\n')
+    args = ("repo/scripts/ton2022.sh", "--scale", "small", "--omegas", "0", "--seeds", "2")
+    ppls = "194.01 193.5 193.5 150 149.9"  # best at epoch 2 under the old rule, at epoch 5 under the new one
+    assert run_script(sandbox, *args, STUB_PPLS=ppls, PATIENCE="1").returncode == 0
+    models = sandbox / "results/ton2022-small/models"
+    old = (models / "wikitext-2.w0-s2.jsonl").read_text()
+    ckpt = sandbox / "checkpoints/ton2022-small/wikitext-2/w0-s2"
+    assert (ckpt / "checkpoint_best.pt").read_text() == "the model of epoch 2\n"
+    stale = sandbox / "runs/ton2022-small/wikitext-2/w0-s2/stale-cache"
+    stale.touch()
+    proc = run_script(sandbox, *args, STUB_PPLS=ppls)
+    assert proc.returncode == 0, proc.stderr
+    assert "was finished under another stopping rule: training on until MIN_GAIN=0.01 PATIENCE=3" in proc.stdout
+    # epochs 4 and 5, then 6 and 7 (149.9 again) until three epochs in a row gain less than 1%
+    trains = [c for c in calls(sandbox) if c.startswith("fairseq-train")]
+    assert [t.split()[-1] for t in trains] == ["1", "2", "3", "4", "5", "6", "7"]
+    assert (ckpt / "checkpoint_best.pt").read_text() == "the model of epoch 5\n"
+    (superseded,) = (sandbox / "results/ton2022-small/superseded").glob("wikitext-2.w0-s2.*.jsonl")
+    assert superseded.read_text() == old and "changed since its results were scored" in proc.stdout
+    assert not stale.exists()
+    assert (models / "wikitext-2.w0-s2.jsonl").read_text() != old
+    assert (models / "wikitext-2.w0-s2.tsv").read_text().split("\t")[5:7] == ["5", "149.9"]
+    # a rerun under the same rule trains and supersedes nothing
+    before = len(calls(sandbox))
+    proc = run_script(sandbox, *args, STUB_PPLS=ppls)
+    assert proc.returncode == 0 and "reusing" in proc.stdout and "changed since" not in proc.stdout
+    assert not [c for c in calls(sandbox)[before:] if c.startswith("fairseq-train")]
+    assert len(list((sandbox / "results/ton2022-small/superseded").iterdir())) == 3  # jsonl, tsv, log
 
 
 def test_ton2022_report_only_renders_the_finished_models_and_runs_nothing_else(sandbox):
@@ -545,7 +588,7 @@ def test_ton2022_small_default_set_is_the_converged_reproduction(sandbox):
                      ("activation_l2", "0.1", "1"), ("activation_l2", "10", "1"), ("moco_queue", "1", "1")]
     # a rerun trains nothing again
     assert run_script(sandbox, "repo/scripts/ton2022.sh", "--scale", "small").returncode == 0
-    assert len([c for c in calls(sandbox) if c.startswith("fairseq-train")]) == 27  # 3 epochs each (MIN_EPOCHS)
+    assert len([c for c in calls(sandbox) if c.startswith("fairseq-train")]) == 36  # 4 epochs each (PATIENCE 3)
 
 
 @pytest.mark.parametrize(
@@ -644,6 +687,29 @@ def test_xu2023_reports_table3_and_figures_2_4_again_at_the_tau_tuned_on_valid(s
                           STUB_BEST=best)
         assert proc.returncode == 0, proc.stderr
         assert not [c for c in calls(sandbox) if "tuned-tau" in c]
+
+
+def test_xu2023_evaluates_a_retrained_model_again_and_never_links_a_stale_ton2022_run(sandbox):
+    ton = _finished_ton2022_run(sandbox)
+    other = json.dumps({"knobs": {"checkpoint": "ab" * 32}}) + "\n"
+    run = sandbox / "runs/xu2023-small"
+    run.mkdir(parents=True)
+    (run / "results.jsonl").write_text(other)  # scored with a checkpoint the model has since trained past
+    (run / "stale-cache").touch()
+    (ton / "results.jsonl").write_text(other)  # so was ton2022's run
+    proc = run_script(sandbox, "repo/scripts/xu2023.sh", "--scale", "small", SUBSAMPLE_RATIOS="none")
+    assert proc.returncode == 0, proc.stderr
+    assert "changed since runs/xu2023-small was scored" in proc.stdout
+    kept = sandbox / "results/xu2023-small/superseded/results.abababababab.jsonl"
+    assert kept.read_text() == other and not (run / "stale-cache").exists()
+    assert not (run / "datastore/att").is_symlink()  # built again, not linked from the stale ton2022 run
+    # once ton2022's run belongs to this checkpoint again, it is linked
+    sha = subprocess.run(["sha256sum", str(sandbox / "checkpoints/ton2022-small/wikitext-2/w0-s1/checkpoint_best.pt")],
+                         capture_output=True, text=True).stdout.split()[0]
+    (ton / "results.jsonl").write_text(json.dumps({"knobs": {"checkpoint": sha}}) + "\n")
+    shutil.rmtree(run)
+    assert run_script(sandbox, "repo/scripts/xu2023.sh", "--scale", "small", SUBSAMPLE_RATIOS="none").returncode == 0
+    assert (run / "datastore/att").is_symlink()
 
 
 def test_xu2023_rebuilds_subsampled_datastores_once(sandbox):
