@@ -147,6 +147,15 @@ keep_epoch_lines() {  # checkpoint-dir kept-prefix: the training log's end-of-ep
   grep -F -e '| train |' -e '| valid |' "$1/train.log" > "$2.log" || true
 }
 
+keep_training_facts() {  # dataset criterion omega seed checkpoint-dir kept-prefix: one row of training facts
+  # (summed train_wall, best epoch and its valid ppl, last train ppl) and the end-of-epoch log lines
+  local best
+  best=$(best_valid "$5/train.log")
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" \
+    "$(train_seconds "$5")" "${best% *}" "${best#* }" "$(train_ppl "$5/train.log")" > "$6.tsv"
+  keep_epoch_lines "$5" "$6"
+}
+
 supersede_if_retrained() {  # name checkpoint kept-prefix run-dir: if the kept result lines were scored with
   # another checkpoint (the model trained on, e.g. under a new stopping rule), move them to superseded/ and
   # delete the run's caches, which belong to a checkpoint that no longer exists, so that it is evaluated again
@@ -172,7 +181,8 @@ run_one() {  # dataset criterion omega seed: train (or reuse), evaluate, keep th
   supersede_if_retrained "$name" "$ckpt_dir/checkpoint_best.pt" "$kept" "$run_dir"
   if [ -f "$kept.jsonl" ] && [ -f "$kept.tsv" ] && ! keeps_neighbours "$criterion" "$seed"; then
     echo "$name is evaluated already ($kept.jsonl; delete it to evaluate again)"
-    [ -s "$kept.log" ] || keep_epoch_lines "$ckpt_dir" "$kept"
+    # training may have gone on without a new best checkpoint (a stricter stopping rule): its facts follow
+    keep_training_facts "$dataset" "$criterion" "$omega" "$seed" "$ckpt_dir" "$kept"
     return 0
   fi
   ppl=$(train_ppl "$ckpt_dir/train.log")
@@ -188,11 +198,7 @@ run_one() {  # dataset criterion omega seed: train (or reuse), evaluate, keep th
   # committed as each model finishes: its result lines and one row of training facts
   mkdir -p "$OUT_DIR/models"
   cp "$run_dir/results.jsonl" "$kept.jsonl"
-  local best
-  best=$(best_valid "$ckpt_dir/train.log")
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$dataset" "$criterion" "$omega" "$seed" \
-    "$(train_seconds "$ckpt_dir")" "${best% *}" "${best#* }" "${ppl:-}" > "$kept.tsv"
-  keep_epoch_lines "$ckpt_dir" "$kept"
+  keep_training_facts "$dataset" "$criterion" "$omega" "$seed" "$ckpt_dir" "$kept"
   if ! keeps_neighbours "$criterion" "$seed"; then
     rm -rf "$run_dir/cache/valid/knn" "$run_dir/cache/test/knn"
     echo "deleted the retrieved neighbours of $name (its lines are kept; KEEP_NEIGHBOURS=all keeps them)"

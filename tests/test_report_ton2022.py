@@ -456,6 +456,20 @@ def test_a_model_finished_under_another_rule_trains_on_and_is_evaluated_again(sa
     assert len(list((sandbox / "results/ton2022-small/superseded").iterdir())) == 3  # jsonl, tsv, log
 
 
+def test_a_model_trained_on_without_a_new_best_keeps_its_lines_and_updates_its_facts(sandbox):
+    args = ("repo/scripts/ton2022.sh", "--scale", "small", "--omegas", "0", "--seeds", "1 2")
+    assert run_script(sandbox, *args, PATIENCE="1").returncode == 0  # 3 epochs each, the best the second
+    models = sandbox / "results/ton2022-small/models"
+    assert (models / "wikitext-2.w0-s2.tsv").read_text().split("\t")[4:6] == ["180", "2"]
+    lines = (models / "wikitext-2.w0-s2.jsonl").read_text()
+    proc = run_script(sandbox, *args)  # PATIENCE 3: a fourth epoch each, no new best
+    assert proc.returncode == 0 and "w0-s2 is evaluated already" in proc.stdout
+    assert (models / "wikitext-2.w0-s2.jsonl").read_text() == lines
+    assert (models / "wikitext-2.w0-s2.tsv").read_text().split("\t")[4:6] == ["240", "2"]
+    assert len((models / "wikitext-2.w0-s2.log").read_text().splitlines()) == 8
+    assert not (sandbox / "results/ton2022-small/superseded").exists()
+
+
 def test_ton2022_report_only_renders_the_finished_models_and_runs_nothing_else(sandbox):
     proc = run_script(sandbox, "repo/scripts/ton2022.sh", "--scale", "small", "--report-only")
     assert proc.returncode == 1 and "no finished model in" in proc.stderr and calls(sandbox) == []
