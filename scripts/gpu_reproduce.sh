@@ -19,8 +19,8 @@ machine with Python 3.12, torch (CUDA), numpy and matplotlib but no network:
             {1, 2, 3}, ω ∈ {0.1, 10} × seed 1, moco_queue ω = 1 × seed 1; the small recipe of
             scripts/lib.sh (knnlm_transformer_lm_small, same optimizer settings) in fp32, without
             --cpu; one epoch at a time until three epochs in a row each lower the best validation
-            perplexity by less than 1% (`plateaued`, not before epoch 3), and no epoch past TRAIN_UNTIL: a model
-            cut there is marked `time` in training.tsv and report.md
+            perplexity by less than 1% (`plateaued`, not before epoch 3), and no epoch past
+            TRAIN_UNTIL: a model cut there is marked `time` in training.tsv and report.md
   evaluate  each model once trained: scripts/knnlm_pipeline.sh with SEARCH=exact DEVICE=cuda, att
             keys of all train tokens, full valid and test splits, exact L2 neighbours (k = 1024),
             λ = 0.25, 0.3 and tuned, τ = 1 and the sweep; cut at EVAL_UNTIL

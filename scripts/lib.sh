@@ -101,7 +101,9 @@ train_lm() {  # recipe data save-dir omega seed criterion [fairseq-train options
       echo "reusing $dir/checkpoint_best.pt (delete $dir/train.done to train again)"
       return 0
     fi
-    echo "$dir was finished under another stopping rule: training on until $(stopping_rule) stops it"
+    # shellcheck disable=SC2046  # the rule is four words without spaces
+    printf '%s was finished under another stopping rule: training on until MIN_GAIN=%s PATIENCE=%s MIN_EPOCHS=%s EPOCHS=%s stops it\n' \
+      "$dir" $(stopping_rule)
     rm -f "$dir/train.done"
   fi
   set_train_args "$recipe"
@@ -145,18 +147,19 @@ train_lm() {  # recipe data save-dir omega seed criterion [fairseq-train options
   [ "$stop" = time ] || touch "$dir/train.done"
 }
 
-stopping_rule() {  # the small recipe's stopping rule as its variables spell it (defaults filled in)
-  echo "MIN_GAIN=${MIN_GAIN:-0.01} PATIENCE=${PATIENCE:-3} MIN_EPOCHS=${MIN_EPOCHS:-3} EPOCHS=${EPOCHS:-60}"
+stopping_rule() {  # the small recipe's stopping rule, its defaults filled in: "MIN_GAIN PATIENCE MIN_EPOCHS EPOCHS"
+  echo "${MIN_GAIN:-0.01} ${PATIENCE:-3} ${MIN_EPOCHS:-3} ${EPOCHS:-60}"
 }
 
 stop_reason() {  # fairseq-log: "plateau" or "epochs" once the small recipe's stopping rule ends training, else nothing
-  local epoch
-  if plateaued "$1" "${MIN_GAIN:-0.01}" "${PATIENCE:-3}" "${MIN_EPOCHS:-3}"; then
+  local gain patience min_epochs epochs epoch
+  read -r gain patience min_epochs epochs <<< "$(stopping_rule)"
+  if plateaued "$1" "$gain" "$patience" "$min_epochs"; then
     echo plateau
     return 0
   fi
   epoch=$(valid_ppls "$1" | tail -n 1 | cut -d ' ' -f 1)
-  if [ "${epoch:-0}" -ge "${EPOCHS:-60}" ]; then echo epochs; fi
+  if [ "${epoch:-0}" -ge "$epochs" ]; then echo epochs; fi
 }
 
 valid_ppls() {  # fairseq-log: "EPOCH PPL" for each validated epoch (its last report), in epoch order
