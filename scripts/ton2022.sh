@@ -36,6 +36,9 @@ Options:
   --moco                also train the Eq. 1 model (moco_queue, ω = 1, first seed); default at small scale
                         without --omegas/--seeds
   --no-moco             leave it out
+  --models "NAME ..."   train and evaluate only these models of the set, by name (w<ω>-s<seed>,
+                        moco-w1-s<seed>): finishing one model on a machine that lacks the others;
+                        the report and the analyses still cover every model kept so far
   --datasets "D ..."    paper scale only: wikitext-2 and/or wikitext-103 (default: both)
   --from DIR|ZIP        offline WikiText copy for `knnlm prepare` (one dataset only)
   --out DIR             report folder (default results/ton2022-<scale>)
@@ -69,7 +72,7 @@ EOF
 # shellcheck source=scripts/lib.sh
 source "$(dirname "$0")/lib.sh"
 
-SCALE='' OMEGAS='' SEEDS='' DATASETS='' FROM='' OUT_DIR='' MOCO='' REPORT_ONLY=0
+SCALE='' OMEGAS='' SEEDS='' DATASETS='' FROM='' OUT_DIR='' MOCO='' REPORT_ONLY=0 ONLY=''
 while [ $# -gt 0 ]; do
   case $1 in
     -h | --help) usage; exit 0 ;;
@@ -78,6 +81,7 @@ while [ $# -gt 0 ]; do
     --seeds) need_value "$1" $#; SEEDS=$2; shift 2 ;;
     --moco) MOCO=1; shift ;;
     --no-moco) MOCO=0; shift ;;
+    --models) need_value "$1" $#; ONLY=$2; shift 2 ;;
     --datasets) need_value "$1" $#; DATASETS=$2; shift 2 ;;
     --from) need_value "$1" $#; FROM=$(abspath "$2"); shift 2 ;;
     --out) need_value "$1" $#; OUT_DIR=$(abspath "$2"); shift 2 ;;
@@ -118,6 +122,22 @@ case $KEEP_NEIGHBOURS in
   *) usage_error "KEEP_NEIGHBOURS must be first-seed or all, not '$KEEP_NEIGHBOURS'" ;;
 esac
 if [ "$MOCO" = 1 ]; then MODELS+=("moco_queue:1:${FIRST_SEED:-1}"); fi
+model_name() {  # criterion:ω:seed: the model's name, that of its checkpoint and result folders
+  local criterion omega seed
+  IFS=: read -r criterion omega seed <<< "$1"
+  if [ "$criterion" = activation_l2 ]; then echo "w$omega-s$seed"; else echo "moco-w$omega-s$seed"; fi
+}
+# the models this call trains and evaluates: the set, or the part of it that --models names
+TO_RUN=("${MODELS[@]}")
+if [ -n "$ONLY" ]; then
+  TO_RUN=()
+  for name in $ONLY; do
+    found=''
+    for model in "${MODELS[@]}"; do [ "$(model_name "$model")" != "$name" ] || { TO_RUN+=("$model"); found=1; }; done
+    [ -n "$found" ] || usage_error "--models: '$name' is not a model of this set (its models: $(
+      for model in "${MODELS[@]}"; do printf '%s ' "$(model_name "$model")"; done))"
+  done
+fi
 for omega in $OMEGAS; do [[ $omega =~ ^[0-9]+([.][0-9]+)?$ ]] || usage_error "ω must be a number >= 0, not '$omega'"; done
 for seed in $SEEDS; do [[ $seed =~ ^[0-9]+$ ]] || usage_error "a seed must be an integer, not '$seed'"; done
 cd "$(dirname "$0")/.."
@@ -172,8 +192,7 @@ supersede_if_retrained() {  # name checkpoint kept-prefix run-dir: if the kept r
 
 run_one() {  # dataset criterion omega seed: train (or reuse), evaluate, keep the run's result lines
   local dataset=$1 criterion=$2 omega=$3 seed=$4 name ckpt_dir run_dir ppl kept
-  name=w$omega-s$seed
-  [ "$criterion" = activation_l2 ] || name=moco-$name
+  name=$(model_name "$criterion:$omega:$seed")
   ckpt_dir=checkpoints/ton2022-$SCALE/$dataset/$name
   run_dir=runs/ton2022-$SCALE/$dataset/$name
   kept=$OUT_DIR/models/$dataset.$name
@@ -208,7 +227,7 @@ run_one() {  # dataset criterion omega seed: train (or reuse), evaluate, keep th
 for dataset in "${DATASET_LIST[@]}"; do
   [ "$REPORT_ONLY" = 0 ] || break
   ensure_data "data-bin/$dataset" "$dataset" ${FROM:+--from "$FROM"}
-  for model in "${MODELS[@]}"; do
+  for model in "${TO_RUN[@]}"; do
     IFS=: read -r criterion omega seed <<< "$model"
     run_one "$dataset" "$criterion" "$omega" "$seed"
   done

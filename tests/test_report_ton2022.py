@@ -605,6 +605,26 @@ def test_ton2022_small_default_set_is_the_converged_reproduction(sandbox):
     assert len([c for c in calls(sandbox) if c.startswith("fairseq-train")]) == 36  # 4 epochs each (PATIENCE 3)
 
 
+def test_models_runs_only_the_named_models_of_the_set_and_reports_every_kept_one(sandbox):
+    """--models finishes one model on a machine that lacks the others; a name outside the set is refused."""
+    kept = sandbox / "results" / "ton2022-small" / "models"
+    kept.mkdir(parents=True)
+    (kept / "wikitext-2.w0-s2.jsonl").write_text('{"run": "kept earlier"}\n')
+    (kept / "wikitext-2.w0-s2.tsv").write_text("wikitext-2\tactivation_l2\t0\t2\t60\t1\t194.01\t173.42\n")
+    proc = run_script(sandbox, "repo/scripts/ton2022.sh", "--scale", "small", "--models", "moco-w1-s1 w0.1-s1")
+    assert proc.returncode == 0, proc.stderr
+    trains = {(re.search(r"--criterion (\S+)", c).group(1), re.search(r"--activation-weight (\S+)", c).group(1))
+              for c in calls(sandbox) if c.startswith("fairseq-train")}
+    assert trains == {("moco_queue", "1"), ("activation_l2", "0.1")}
+    assert sorted(p.name for p in kept.glob("*.jsonl")) == [
+        "wikitext-2.moco-w1-s1.jsonl", "wikitext-2.w0-s2.jsonl", "wikitext-2.w0.1-s1.jsonl"]
+    assert "kept earlier" in (sandbox / "results" / "ton2022-small" / "results.jsonl").read_text()
+    before = calls(sandbox)
+    bad = run_script(sandbox, "repo/scripts/ton2022.sh", "--scale", "small", "--models", "w2-s1")
+    assert bad.returncode == 2 and "'w2-s1' is not a model of this set" in bad.stderr
+    assert "moco-w1-s1" in bad.stderr and calls(sandbox) == before
+
+
 @pytest.mark.parametrize(
     ("ppls", "gain", "patience", "min_epochs", "stopped"),
     [
