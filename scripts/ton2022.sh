@@ -62,7 +62,9 @@ runs/ton2022-<scale>/<dataset>/<name>/ (pipeline), <out>/results.jsonl, <out>/tr
 <out>/temperature/ (knnlm analyze temperature over the first seed's models, with the ω = 0 LM shared),
 <out>/analyses/ (Figure 2 and the clustering analysis, ω = 0 vs ω = 1); with two datasets the last
 three folders get a -<dataset> suffix.
-Environment: EPOCHS, PATIENCE, MIN_GAIN, MIN_EPOCHS, EVAL_LIMIT, KEEP_NEIGHBOURS (first-seed|all), TEMPERATURES (every model's
+Environment: EPOCHS, PATIENCE, MIN_GAIN, MIN_EPOCHS, TRAIN_DEADLINE (a `date +%s` time: an epoch starts
+only if the one before it would still end in time, and is cut at it; the model is evaluated, and a
+later call trains it on), EVAL_LIMIT, KEEP_NEIGHBOURS (first-seed|all), TEMPERATURES (every model's
 τ sweep, default 0.001-0.05 then scripts/lib.sh default_temperatures), GPUS (paper: GPUs per training; default all that nvidia-smi
 lists), WIKI2_MAX_UPDATE/WIKI2_WARMUP (paper WikiText-2 schedule), and the variables of
 scripts/knnlm_pipeline.sh.
