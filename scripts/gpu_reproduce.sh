@@ -83,10 +83,6 @@ OUTPUTS=(results.jsonl training.tsv timings.tsv temperature.json temperature.png
   run.log)
 STATE=$SCRATCH/state
 
-model_name() {  # criterion omega seed: the folder name scripts/ton2022.sh gives the model
-  if [ "$1" = activation_l2 ]; then echo "w$2-s$3"; else echo "moco-w$2-s$3"; fi
-}
-
 is_temperature_model() {  # criterion omega seed: the analysis compares the seed-1 models of every ω
   [ "$1" = activation_l2 ] && [ "$3" = 1 ]
 }

@@ -90,6 +90,10 @@ set_train_args() {  # recipe: fills TRAIN_ARGS for small | wiki2 | wiki103
   esac
 }
 
+model_name() {  # criterion omega seed: the model's name in scripts/ton2022.sh's set (its checkpoint and result folders)
+  if [ "$1" = activation_l2 ]; then echo "w$2-s$3"; else echo "moco-w$2-s$3"; fi
+}
+
 train_lm() {  # recipe data save-dir omega seed criterion [fairseq-train options...]: train once, then reuse
   # small recipe: TRAIN_DEADLINE (a `date +%s` time) caps its wall time; how it stopped goes to train.stop
   local recipe=$1 data=$2 dir=$3 omega=$4 seed=$5 criterion=$6 epoch stop='' t0 last=0 rc limit left

@@ -74,7 +74,7 @@ EOF
 # shellcheck source=scripts/lib.sh
 source "$(dirname "$0")/lib.sh"
 
-SCALE='' OMEGAS='' SEEDS='' DATASETS='' FROM='' OUT_DIR='' MOCO='' REPORT_ONLY=0 ONLY=''
+SCALE='' OMEGAS='' SEEDS='' DATASETS='' FROM='' OUT_DIR='' MOCO='' REPORT_ONLY=0 RUN_NAMES=''
 while [ $# -gt 0 ]; do
   case $1 in
     -h | --help) usage; exit 0 ;;
@@ -83,7 +83,7 @@ while [ $# -gt 0 ]; do
     --seeds) need_value "$1" $#; SEEDS=$2; shift 2 ;;
     --moco) MOCO=1; shift ;;
     --no-moco) MOCO=0; shift ;;
-    --models) need_value "$1" $#; ONLY=$2; shift 2 ;;
+    --models) need_value "$1" $#; RUN_NAMES=$2; shift 2 ;;
     --datasets) need_value "$1" $#; DATASETS=$2; shift 2 ;;
     --from) need_value "$1" $#; FROM=$(abspath "$2"); shift 2 ;;
     --out) need_value "$1" $#; OUT_DIR=$(abspath "$2"); shift 2 ;;
@@ -124,20 +124,19 @@ case $KEEP_NEIGHBOURS in
   *) usage_error "KEEP_NEIGHBOURS must be first-seed or all, not '$KEEP_NEIGHBOURS'" ;;
 esac
 if [ "$MOCO" = 1 ]; then MODELS+=("moco_queue:1:${FIRST_SEED:-1}"); fi
-model_name() {  # criterion:ω:seed: the model's name, that of its checkpoint and result folders
-  local criterion omega seed
-  IFS=: read -r criterion omega seed <<< "$1"
-  if [ "$criterion" = activation_l2 ]; then echo "w$omega-s$seed"; else echo "moco-w$omega-s$seed"; fi
-}
 # the models this call trains and evaluates: the set, or the part of it that --models names
 TO_RUN=("${MODELS[@]}")
-if [ -n "$ONLY" ]; then
+if [ -n "$RUN_NAMES" ]; then
+  SET_NAMES=()
+  for model in "${MODELS[@]}"; do
+    IFS=: read -r criterion omega seed <<< "$model"
+    SET_NAMES+=("$(model_name "$criterion" "$omega" "$seed")")
+  done
   TO_RUN=()
-  for name in $ONLY; do
+  for name in $RUN_NAMES; do
     found=''
-    for model in "${MODELS[@]}"; do [ "$(model_name "$model")" != "$name" ] || { TO_RUN+=("$model"); found=1; }; done
-    [ -n "$found" ] || usage_error "--models: '$name' is not a model of this set (its models: $(
-      for model in "${MODELS[@]}"; do printf '%s ' "$(model_name "$model")"; done))"
+    for i in "${!MODELS[@]}"; do [ "${SET_NAMES[i]}" != "$name" ] || { TO_RUN+=("${MODELS[i]}"); found=1; }; done
+    [ -n "$found" ] || usage_error "--models: '$name' is not a model of this set (its models: ${SET_NAMES[*]})"
   done
 fi
 for omega in $OMEGAS; do [[ $omega =~ ^[0-9]+([.][0-9]+)?$ ]] || usage_error "ω must be a number >= 0, not '$omega'"; done
@@ -194,7 +193,7 @@ supersede_if_retrained() {  # name checkpoint kept-prefix run-dir: if the kept r
 
 run_one() {  # dataset criterion omega seed: train (or reuse), evaluate, keep the run's result lines
   local dataset=$1 criterion=$2 omega=$3 seed=$4 name ckpt_dir run_dir ppl kept
-  name=$(model_name "$criterion:$omega:$seed")
+  name=$(model_name "$criterion" "$omega" "$seed")
   ckpt_dir=checkpoints/ton2022-$SCALE/$dataset/$name
   run_dir=runs/ton2022-$SCALE/$dataset/$name
   kept=$OUT_DIR/models/$dataset.$name
@@ -273,7 +272,7 @@ run_analyses() {  # dataset: the ω/τ question over the first seed's models; Fi
   for model in "${MODELS[@]}"; do
     IFS=: read -r criterion omega s <<< "$model"
     [ "$criterion" = activation_l2 ] && [ "$s" = "$seed" ] || continue
-    name=w$omega-s$seed
+    name=$(model_name "$criterion" "$omega" "$seed")
     evaluated "$dataset" "$name" || continue
     temperature_model_args "$runs/$name" "$ckpts/$name" "$omega"
     n=$((n + 1))
