@@ -60,6 +60,7 @@ done
 for decoding in $DECODINGS; do
   case $decoding in sample | greedy) ;; *) usage_error "a decoding is sample or greedy, not '$decoding'" ;; esac
 done
+require_commands knnlm
 cd "$(dirname "$0")/.."
 CKPT=${CKPT:-checkpoints/ton2022-small/wikitext-2/w0-s1/checkpoint_best.pt}
 DATA=${DATA:-data-bin/wikitext-2}

@@ -12,6 +12,7 @@ set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "$0")/lib.sh"
 : "${DATA:?set DATA=data-bin/NAME}" "${OUT:?set OUT=runs/NAME}"
+require_commands knnlm
 if [ -n "${HF_MODEL:-}" ]; then
   BASE_MODEL=(--hf-model "$HF_MODEL")
 else

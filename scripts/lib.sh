@@ -17,6 +17,14 @@ die() {  # message: a failure while running
 
 step() { printf '\n== %s\n' "$*"; }
 
+require_commands() {  # command...: each must be on PATH, else one error that says how to get it there
+  local name
+  for name in "$@"; do
+    command -v "$name" > /dev/null \
+      || die "$name: command not found; install the framework with 'make install', then put its environment on PATH ('source .venv/bin/activate')"
+  done
+}
+
 abspath() {  # path: absolute, so that it survives the scripts' cd to the repository root
   case $1 in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac
 }
@@ -110,6 +118,7 @@ train_lm() {  # recipe data save-dir omega seed criterion [fairseq-train options
       "$dir" $(stopping_rule)
     rm -f "$dir/train.done"
   fi
+  require_commands fairseq-train
   set_train_args "$recipe"
   mkdir -p "$dir"
   step "train $recipe, $criterion ω=$omega, seed $seed -> $dir (log: $dir/train.log)"

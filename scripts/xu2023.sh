@@ -78,6 +78,7 @@ case $SCALE in
   '') usage_error "--scale small|paper is required" ;;
   *) usage_error "--scale must be small or paper, not '$SCALE'" ;;
 esac
+require_commands knnlm
 cd "$(dirname "$0")/.."
 OUT_DIR=${OUT_DIR:-results/xu2023-$SCALE}  # relative to the repository root: reports name no machine path
 RUN_DIR=runs/xu2023-$SCALE

@@ -43,6 +43,7 @@ while [ $# -gt 0 ]; do
     *) usage_error "unknown argument '$1'" ;;
   esac
 done
+require_commands knnlm
 cd "$(dirname "$0")/.."
 OUT_DIR=${OUT_DIR:-$PWD/results/xu2023-gpt2}
 RUN_DIR=runs/xu2023-gpt2

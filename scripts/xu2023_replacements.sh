@@ -68,6 +68,7 @@ for split in valid test; do
   [ -f "$PIPELINE/cache/$split/meta.json" ] || die "no cache $PIPELINE/cache/$split: run scripts/xu2023.sh first"
 done
 [ -f "$CHECKPOINT" ] || die "no checkpoint $CHECKPOINT"
+require_commands knnlm fairseq-train
 cd "$(dirname "$0")/.."
 OUT_DIR=${OUT_DIR:-$PWD/results/xu2023-replacements-$SCALE}
 RUN_DIR=$PWD/runs/xu2023-replacements-$SCALE

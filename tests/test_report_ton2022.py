@@ -551,6 +551,27 @@ def test_ton2022_paper_uses_the_wiki103_recipe(sandbox):
     assert "--label dataset=wikitext-103" in pipeline
 
 
+OUTSIDE_THE_ENVIRONMENT = {"PATH": "/usr/bin:/bin"}  # no knnlm, no fairseq-train: `make install` not on PATH
+INSTALL_HINT = ("install the framework with 'make install', then put its environment on PATH "
+                "('source .venv/bin/activate')")
+
+
+@pytest.mark.parametrize(
+    ("command", "missing"),
+    [
+        ([f"{SCRIPTS}/xu2023.sh", "--scale", "small"], "knnlm"),
+        ([f"{SCRIPTS}/knnlm_pipeline.sh"], "knnlm"),
+        (["-c", f"source {SCRIPTS}/lib.sh; train_lm small data ckpt 0 1 activation_l2"], "fairseq-train"),
+    ],
+)
+def test_a_missing_command_is_one_error_that_says_how_to_install_it(tmp_path, command, missing):
+    env = {**OUTSIDE_THE_ENVIRONMENT, "DATA": "data", "OUT": "out", "CKPT": "ckpt.pt"}
+    proc = subprocess.run(["bash", *command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().endswith(f"error: {missing}: command not found; {INSTALL_HINT}")
+    assert list(tmp_path.iterdir()) == []  # nothing started
+
+
 def test_train_ppl_reads_the_last_epoch_line(tmp_path):
     log = tmp_path / "train.log"
     log.write_text(
