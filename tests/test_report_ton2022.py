@@ -519,6 +519,22 @@ def test_ton2022_runs_the_omega_tau_question_over_the_evaluated_first_seed_model
     ]
 
 
+def test_without_the_omega_0_models_caches_an_earlier_omega_tau_analysis_is_left_as_it_is(sandbox):
+    # e.g. one model of the set evaluated again on a machine that lacks the others' caches
+    runs = sandbox / "runs" / "ton2022-small" / "wikitext-2"
+    for split in ("valid", "test"):
+        (runs / "w1-s1" / "cache" / split).mkdir(parents=True)
+    models = sandbox / "results" / "ton2022-small" / "models"
+    models.mkdir(parents=True)
+    for name in ("w0-s1", "w1-s1"):
+        (models / f"wikitext-2.{name}.jsonl").write_text('{"run": "kept"}\n')
+        (models / f"wikitext-2.{name}.tsv").write_text("")
+    proc = run_script(sandbox, "repo/scripts/ton2022.sh", "--scale", "small", "--omegas", "0 1", "--report-only")
+    assert proc.returncode == 0, proc.stderr
+    assert [c for c in calls(sandbox) if c.startswith("knnlm analyze temperature")] == []
+    assert "no ω/τ analysis: w0-s1, the ω = 0 it compares with, has no kept result lines with caches" in proc.stdout
+
+
 def test_ton2022_paper_uses_the_wiki103_recipe(sandbox):
     args = (
         "repo/scripts/ton2022.sh",
@@ -559,6 +575,7 @@ INSTALL_HINT = ("install the framework with 'make install', then put its environ
 @pytest.mark.parametrize(
     ("command", "missing"),
     [
+        ([f"{SCRIPTS}/ton2022.sh", "--scale", "small"], "knnlm"),
         ([f"{SCRIPTS}/xu2023.sh", "--scale", "small"], "knnlm"),
         ([f"{SCRIPTS}/knnlm_pipeline.sh"], "knnlm"),
         (["-c", f"source {SCRIPTS}/lib.sh; train_lm small data ckpt 0 1 activation_l2"], "fairseq-train"),
