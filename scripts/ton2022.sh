@@ -238,7 +238,13 @@ done
 step "report -> $OUT_DIR"
 compgen -G "$OUT_DIR/models/*.jsonl" > /dev/null || die "no finished model in $OUT_DIR/models/ to report on"
 printf 'dataset\tcriterion\tomega\tseed\ttrain_seconds\tbest_epoch\tbest_valid_ppl\ttrain_ppl\n' > "$OUT_DIR/training.tsv"
-cat "$OUT_DIR"/models/*.tsv >> "$OUT_DIR/training.tsv"
+for lines in "$OUT_DIR"/models/*.jsonl; do  # one row of training facts per evaluated model
+  if [ -f "${lines%.jsonl}.tsv" ]; then
+    cat "${lines%.jsonl}.tsv" >> "$OUT_DIR/training.tsv"
+  else
+    echo "warning: no training facts (${lines%.jsonl}.tsv) beside $lines: training.tsv leaves that model out" >&2
+  fi
+done
 cat "$OUT_DIR"/models/*.jsonl > "$OUT_DIR/results.jsonl"
 knnlm report "$OUT_DIR/results.jsonl" --out "$OUT_DIR" --only ton2022_table,ton2022_figure1
 echo "report: $OUT_DIR/report.md (table: $OUT_DIR/ton2022_table.md)"

@@ -491,6 +491,20 @@ def test_ton2022_report_only_renders_the_finished_models_and_runs_nothing_else(s
     assert len((out / "training.tsv").read_text().splitlines()) == 2
 
 
+def test_a_kept_model_without_its_training_facts_is_reported_with_a_warning(sandbox):
+    # e.g. result lines copied from another machine without the .tsv written beside them
+    models = sandbox / "results" / "ton2022-small" / "models"
+    models.mkdir(parents=True)
+    (models / "wikitext-2.w0-s1.jsonl").write_text('{"run": "kept"}\n')
+    (models / "wikitext-2.w1-s1.jsonl").write_text('{"run": "kept"}\n')
+    (models / "wikitext-2.w1-s1.tsv").write_text("wikitext-2\tactivation_l2\t1\t1\t60\t1\t300\t250\n")
+    proc = run_script(sandbox, "repo/scripts/ton2022.sh", "--scale", "small", "--report-only")
+    assert proc.returncode == 0, proc.stderr
+    assert "no training facts (results/ton2022-small/models/wikitext-2.w0-s1.tsv)" in proc.stderr
+    rows = (sandbox / "results" / "ton2022-small" / "training.tsv").read_text().splitlines()
+    assert len(rows) == 2 and rows[1].startswith("wikitext-2\tactivation_l2\t1\t1")
+
+
 def test_ton2022_runs_the_omega_tau_question_over_the_evaluated_first_seed_models(sandbox):
     assert run_script(sandbox, "repo/scripts/ton2022.sh", "--scale", "small", "--omegas", "0 1 10").returncode == 0
     # the stub pipeline leaves no caches: nothing to analyse yet but the training curves
