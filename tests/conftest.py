@@ -113,6 +113,19 @@ def restore_hydra_version_base():
     base.version_base = previous
 
 
+@pytest.fixture(autouse=True)
+def restore_root_logging() -> Iterator[None]:
+    """``knnlm.cli.main`` run in-process points the root logger at the ``sys.stderr`` of that moment: pytest's
+    capture of one test, closed after it. Put the root logger back so later tests never log into a closed file."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread() -> Iterator[None]:
     """Tiny models and matmuls: on a shared 2-core box, torch's threads only spin (often ~100x slower).

@@ -188,6 +188,24 @@ def test_dump_validates_options_before_loading_a_model(tmp_path):
             dump_lm(cfg)
 
 
+def test_retrieve_refuses_contradicting_options_before_taking_the_cache_lock(caches):
+    """Two retrievals into one cache: the one with bad options gets its own error, not "cache is busy"."""
+    from knnlm.io import WriterLock
+
+    contradictions = {
+        r"--real-score .*give --index": {"real_score": True, "similarity": "l2"},
+        r"exact search needs --similarity": {},
+        r"--nprobe applies to an index": {"similarity": "l2", "nprobe": 4},
+        r"unknown similarity 'cos'": {"similarity": "cos"},
+    }
+    splits, store, _ = caches
+    cache = str(splits["valid"])
+    with WriterLock.for_folder(cache, "cache held by the test"):
+        for message, options in contradictions.items():
+            with pytest.raises(KnnlmError, match=message):
+                dump_retrieval(RetrievalConfig(cache=cache, datastore=str(store), **options))
+
+
 def test_retrieve_reuses_its_own_result_and_refuses_to_replace_another(caches, tmp_path):
     import shutil
 

@@ -24,6 +24,24 @@ from knnlm.datastore.store import Datastore
 from knnlm.errors import KnnlmError
 
 
+def check_search_options(has_index: bool, similarity: str | None, real_score: bool, nprobe: int | None) -> None:
+    """Refuse search options that contradict each other, before any datastore or index is opened or locked."""
+    if real_score and not has_index:
+        raise KnnlmError(
+            "--real-score (--knn-sim-func recomp in fairseq-eval-lm) re-scores FAISS neighbours: "
+            "give --index (--indexfile) too"
+        )
+    if not has_index and similarity is None:
+        raise KnnlmError(
+            "exact search needs --similarity l2|ip (--knn-similarity in fairseq-eval-lm): "
+            "there is no index to take it from"
+        )
+    if not has_index and nprobe is not None:
+        raise KnnlmError("--nprobe applies to an index; exact search has none")
+    if similarity is not None:
+        check_similarity(similarity)
+
+
 class Retriever:
     """A datastore, an optional FAISS index over it, the similarity, and where scores come from."""
 
@@ -35,11 +53,7 @@ class Retriever:
         real_score: bool = False,
         device: str = "auto",
     ) -> None:
-        if real_score and index is None:
-            raise KnnlmError(
-                "--real-score (--knn-sim-func recomp in fairseq-eval-lm) re-scores FAISS neighbours: "
-                "give --index (--indexfile) too"
-            )
+        check_search_options(index is not None, similarity, real_score, None)
         self.store = store
         self.index = index
         self.similarity = similarity
@@ -63,6 +77,7 @@ class Retriever:
 
         ``mmap`` leaves an index's inverted lists on disk (datastores larger than memory).
         """
+        check_search_options(bool(index), similarity, real_score, nprobe)
         store = datastore if isinstance(datastore, Datastore) else Datastore.open(datastore, key_type=key_type)
         knn_index = None
         if index:
@@ -73,13 +88,6 @@ class Retriever:
                     "drop it (the index's metric is used)"
                 )
             similarity = knn_index.similarity
-        elif similarity is None:
-            raise KnnlmError(
-                "exact search needs --similarity l2|ip (--knn-similarity in fairseq-eval-lm): "
-                "there is no index to take it from"
-            )
-        elif nprobe is not None:
-            raise KnnlmError("--nprobe applies to an index; exact search has none")
         return cls(store, knn_index, check_similarity(similarity), real_score=real_score, device=device)
 
     @property

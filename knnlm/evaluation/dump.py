@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from knnlm.datastore import Datastore
 from knnlm.datastore.build import make_plan
-from knnlm.datastore.retriever import Retriever
+from knnlm.datastore.retriever import Retriever, check_search_options
 from knnlm.errors import KnnlmError, require_at_least
 from knnlm.evaluation.cache import (
     Cache,
@@ -293,6 +293,7 @@ def check_retrieval_options(cfg: RetrievalConfig) -> None:
     """Refuse meaningless options before anything is opened."""
     for name, value in (("--k-max", cfg.k_max), ("--batch", cfg.batch), ("--nprobe", cfg.nprobe)):
         require_at_least(name, value, 1)
+    check_search_options(bool(cfg.index), cfg.similarity, cfg.real_score, cfg.nprobe)
     resolve_device(cfg.device)
 
 
