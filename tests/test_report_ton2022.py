@@ -318,7 +318,7 @@ def calls(repo: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
-@pytest.mark.parametrize("script", ["ton2022.sh", "xu2023.sh", "xu2023_replacements.sh", "lib.sh"])
+@pytest.mark.parametrize("script", ["ton2022.sh", "xu2023.sh", "xu2023_replacements.sh", "lib.sh", "rerun_table.sh"])
 def test_scripts_parse(script):
     subprocess.run(["bash", "-n", str(SCRIPTS / script)], check=True)
 
@@ -702,6 +702,31 @@ def test_plateaued_is_the_stopping_rule(tmp_path, ppls, gain, patience, min_epoc
     call = f"plateaued {log} {gain} {patience} {min_epochs}"
     proc = subprocess.run(["bash", "-c", f"source {SCRIPTS / 'lib.sh'}; {call}"])
     assert (proc.returncode == 0) is stopped
+
+
+def test_rerun_table_sets_a_rerun_beside_its_first_run_epoch_by_epoch(tmp_path):
+    def log(path: Path, ppls: dict[int, str]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        line = "x | INFO | valid | epoch {:03d} | valid on 'valid' subset | loss 7 | ppl {} | wps 1\n"
+        path.write_text("".join(line.format(e, p) for e, p in ppls.items()))
+
+    results = tmp_path / "results"
+    log(results / "superseded" / "wikitext-2.w0-s2.abc.log", {1: "300", 2: "200", 10: "150"})
+    log(results / "models" / "wikitext-2.w0-s2.log", {1: "303", 2: "199", 3: "180"})
+    script = str(SCRIPTS / "rerun_table.sh")
+    env = {**os.environ, "RESULTS": str(results)}
+    first = str(results / "superseded" / "wikitext-2.w0-s2.abc.log")
+    proc = subprocess.run(["bash", script, "w0-s2", first, "3=190"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (results / "sensitivity" / "w0-s2-rerun.tsv").read_text() == (
+        "epoch\tfirst_run_valid_ppl\trerun_valid_ppl\trelative_difference\n"
+        "1\t300\t303\t+0.0100\n2\t200\t199\t-0.0050\n3\t190\t180\t-0.0526\n10\t150\t\t\n"
+    )
+    for args, message in ((["w0-s2", first, "3=x"], "'3=x' is not EPOCH=PPL"),
+                          (["w0-s3", first], "the rerun of w0-s3 is not finished"),
+                          (["w0-s2", "nowhere.log"], "FIRST_RUN_LOG nowhere.log does not exist")):
+        bad = subprocess.run(["bash", script, *args], env=env, capture_output=True, text=True)
+        assert bad.returncode == 2 and message in bad.stderr
 
 
 def _finished_ton2022_run(repo: Path, test_limit: str = "null") -> Path:
