@@ -24,28 +24,24 @@ results=${RESULTS:-results/ton2022-small} dataset=${DATASET:-wikitext-2}
 rerun_log=$results/models/$dataset.$name.log
 [ -f "$first_log" ] || usage_error "FIRST_RUN_LOG $first_log does not exist"
 [ -f "$rerun_log" ] || usage_error "$rerun_log does not exist: the rerun of $name is not finished (scripts/ton2022.sh keeps it)"
-extra=()
 for pair in "$@"; do
   [[ $pair =~ ^[0-9]+=[0-9]+(\.[0-9]+)?$ ]] || usage_error "'$pair' is not EPOCH=PPL (e.g. 16=287.9)"
-  extra+=("${pair/=/ }")
 done
 out=$results/sensitivity/$name-rerun.tsv
 mkdir -p "$(dirname "$out")"
-{ valid_ppls "$first_log" | sed 's/^/first /'; printf 'first %s\n' "${extra[@]+"${extra[@]}"}" | grep -v '^first $' || true
-  valid_ppls "$rerun_log" | sed 's/^/rerun /'; } \
-  | awk '{ppl[$1, $2 + 0] = $3; epochs[$2 + 0] = 1}
-    END {
-      print "epoch\tfirst_run_valid_ppl\trerun_valid_ppl\trelative_difference"
-      n = 0
-      for (e in epochs) order[++n] = e + 0
-      for (i = 2; i <= n; i++) for (j = i; j > 1 && order[j - 1] > order[j]; j--) {
-        t = order[j]; order[j] = order[j - 1]; order[j - 1] = t
-      }
-      for (i = 1; i <= n; i++) {
-        e = order[i]; a = ppl["first", e]; b = ppl["rerun", e]
-        diff = (a != "" && b != "") ? sprintf("%+.4f", (b - a) / a) : ""
-        printf "%d\t%s\t%s\t%s\n", e, a, b, diff
-      }
-    }' > "$out.tmp"
+{
+  printf 'epoch\tfirst_run_valid_ppl\trerun_valid_ppl\trelative_difference\n'
+  {
+    valid_ppls "$first_log" | sed 's/^/first /'
+    for pair in "$@"; do echo "first ${pair/=/ }"; done  # after the log: these win an epoch both give
+    valid_ppls "$rerun_log" | sed 's/^/rerun /'
+  } | awk '{ppl[$1, $2 + 0] = $3; epochs[$2 + 0] = 1}
+      END {
+        for (e in epochs) {
+          a = ppl["first", e]; b = ppl["rerun", e]
+          printf "%d\t%s\t%s\t%s\n", e, a, b, (a != "" && b != "") ? sprintf("%+.4f", (b - a) / a) : ""
+        }
+      }' | sort -n
+} > "$out.tmp"
 mv "$out.tmp" "$out"
 echo "wrote $out"
