@@ -677,6 +677,12 @@ def test_models_runs_only_the_named_models_of_the_set_and_reports_every_kept_one
     assert "moco-w1-s1" in bad.stderr and calls(sandbox) == before
 
 
+def valid_log(ppls: list[tuple[int, str]]) -> str:
+    """fairseq-train's end-of-epoch validation lines, one per (epoch, perplexity)."""
+    return "".join(f"x | INFO | valid | epoch {e:03d} | valid on 'valid' subset | loss 7 | ppl {p} | wps 1\n"
+                   for e, p in ppls)
+
+
 @pytest.mark.parametrize(
     ("ppls", "gain", "patience", "min_epochs", "stopped"),
     [
@@ -695,10 +701,8 @@ def test_models_runs_only_the_named_models_of_the_set_and_reports_every_kept_one
 )
 def test_plateaued_is_the_stopping_rule(tmp_path, ppls, gain, patience, min_epochs, stopped):
     log = tmp_path / "train.log"
-    lines = [f"x | INFO | valid | epoch {e:03d} | valid on 'valid' subset | loss 7 | ppl {p} | wps 1"
-             for e, p in enumerate(ppls.split(), start=1)]
-    log.write_text("\n".join(["x | INFO | valid | epoch 001 | valid on 'valid' subset | loss 9 | ppl 999 | wps 1",
-                              *lines]) + "\n")  # a repeated epoch (an interrupted sitting) counts once, the last
+    # a repeated epoch (an interrupted sitting) counts once, the last
+    log.write_text(valid_log([(1, "999"), *enumerate(ppls.split(), start=1)]))
     call = f"plateaued {log} {gain} {patience} {min_epochs}"
     proc = subprocess.run(["bash", "-c", f"source {SCRIPTS / 'lib.sh'}; {call}"])
     assert (proc.returncode == 0) is stopped
@@ -707,8 +711,7 @@ def test_plateaued_is_the_stopping_rule(tmp_path, ppls, gain, patience, min_epoc
 def test_rerun_table_sets_a_rerun_beside_its_first_run_epoch_by_epoch(tmp_path):
     def log(path: Path, ppls: dict[int, str]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        line = "x | INFO | valid | epoch {:03d} | valid on 'valid' subset | loss 7 | ppl {} | wps 1\n"
-        path.write_text("".join(line.format(e, p) for e, p in ppls.items()))
+        path.write_text(valid_log(list(ppls.items())))
 
     results = tmp_path / "results"
     log(results / "superseded" / "wikitext-2.w0-s2.abc.log", {1: "300", 2: "200", 10: "150"})
