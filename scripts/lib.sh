@@ -198,11 +198,12 @@ train_seconds() {  # save-dir: seconds of training over all sittings, the sum of
     | awk '{s += $1} END {if (NR) print s}'
 }
 
-best_valid() {  # fairseq-log: "EPOCH PPL" of the end-of-epoch validation with the lowest loss, or nothing
+best_valid() {  # fairseq-log: "EPOCH PPL" of the epoch checkpoint_best.pt holds, or nothing: the lowest
+  # logged validation loss, the last of equal ones (fairseq replaces it at a loss <= the best so far)
   [ -f "$1" ] || return 0
   { grep -F '| valid |' "$1" || true; } \
     | sed -n 's/.*epoch \([0-9]*\) .*| loss \([0-9.]*\) .*| ppl \([0-9.]*\) .*/\2 \1 \3/p' \
-    | sort -g | head -n 1 | awk '{print $2 + 0, $3}'
+    | sort -k1,1g -k2,2nr | head -n 1 | awk '{print $2 + 0, $3}'
 }
 
 train_ppl() {  # fairseq-log: ppl of the last end-of-epoch "| train |" line (2^loss with loss in bits), or nothing

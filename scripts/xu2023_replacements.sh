@@ -123,8 +123,9 @@ head_facts() {  # name: its heads.tsv row (updates, epochs, best update, best va
   { grep -F '| valid |' "$log" || true; } | awk -F ' [|] ' -v OFS='\t' -v name="$1" -v stop="$stop" '
     { for (i = 1; i <= NF; i++) { split($i, kv, " "); v[kv[1]] = kv[2] }
       if (v["num_updates"] + 0 > updates) { updates = v["num_updates"] + 0; epochs = v["epoch"] + 0 }
-      if (best == "" || v["loss"] + 0 < best) { best = v["loss"] + 0; best_update = v["num_updates"] + 0
-                                                ppl = v["ppl"] } }
+      # the update checkpoint_best.pt holds: fairseq replaces it at a loss <= the best so far
+      if (best == "" || v["loss"] + 0 <= best) { best = v["loss"] + 0; best_update = v["num_updates"] + 0
+                                                 ppl = v["ppl"] } }
     END { if (NR == 0) stop = "no validation"; print name, updates, epochs, best_update, ppl, stop }'
 }
 

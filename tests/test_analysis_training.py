@@ -43,6 +43,15 @@ def test_only_the_end_of_epoch_lines_count_and_a_later_epoch_line_wins(tmp_path)
                                   "train_wall_seconds": 600.0}
 
 
+def test_the_best_epoch_is_the_last_of_equal_logged_losses_as_fairseq_keeps_it(tmp_path):
+    log = fairseq_log(tmp_path / "train.log", [(825.4, 311.5), (268.8, 205.9), (182.1, 210.0)])
+    with log.open("a") as f:
+        for epoch, loss, ppl in ((4, "1.55", "187.44"), (5, "1.55", "187.46"), (6, "1.556", "188.16")):
+            f.write(f"{T} | valid | epoch {epoch:03d} | valid on 'valid' subset | loss {loss} | ppl {ppl} | wps 9\n")
+    summary = summarize(parse_fairseq_log(log))
+    assert (summary["best_epoch"], summary["best_valid_ppl"]) == (5, 187.46)
+
+
 def test_run_writes_one_row_per_model_and_epoch_and_seeds_share_a_label(tmp_path):
     a = fairseq_log(tmp_path / "a.log", [(800, 300), (260, 200)], [260, 262])
     b = fairseq_log(tmp_path / "b.log", [(810, 310), (270, 205)], [259, 263])

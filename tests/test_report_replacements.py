@@ -68,13 +68,14 @@ def test_figures_3_and_8_are_drawn_from_component_lines(tmp_path):
 
 # --- scripts/xu2023_replacements.sh, with stub commands ------------------------------------------
 
-# a head whose validation loss is lowest at update 500, then three validations without a new best: early stop
+# a head whose validation loss is lowest at update 500 and equal (as logged) at 750, which fairseq then keeps
+# as checkpoint_best.pt, but counts as no gain: with 1000 and 1250, three validations without one, early stop
 STUB_HEAD_TRAIN = """#!/usr/bin/env bash
 echo "fairseq-train $*" >> "$CALLS"
 while [ $# -gt 0 ]; do [ "$1" = --save-dir ] && dir=$2; shift; done
 touch "$dir/checkpoint_best.pt" "$dir/checkpoint_last.pt"
 t='2024-01-01 00:00:00 | INFO'
-for row in "1 250 6.0 64" "1 500 5.5 45.25" "1 750 5.6 48.5" "2 1000 5.7 52" "2 1250 5.8 55.7"; do
+for row in "1 250 6.0 64" "1 500 5.5 45.25" "1 750 5.5 45.26" "2 1000 5.7 52" "2 1250 5.8 55.7"; do
   set -- $row
   printf "$t | valid | epoch %03d | valid on 'valid' subset | loss $3 | nll_loss $3 | ppl $4 | num_updates $2\\n" "$1"
 done
@@ -132,11 +133,11 @@ def test_small_scale_trains_each_head_until_its_validation_loss_stops_improving(
     heads = repo / "runs" / "xu2023-replacements-small" / "heads"
     assert f"knnlm eval component --cache {pipeline}/cache/valid --name learned-att-n3 --checkpoint " \
            f"{heads}/att-n3/checkpoint_best.pt --data {tmp_path}" in log
-    assert "trained 1250 updates (2 epochs); best valid ppl 45.25 at update 500; stopped by patience" in proc.stdout
+    assert "trained 1250 updates (2 epochs); best valid ppl 45.26 at update 750; stopped by patience" in proc.stdout
     assert (tmp_path / "out" / "heads.tsv").read_text().splitlines() == [
         "head\tupdates\tepochs\tbest_update\tbest_valid_ppl\tstopped_by",
-        "att-n1\t1250\t2\t500\t45.25\tpatience",
-        "att-n3\t1250\t2\t500\t45.25\tpatience",
+        "att-n1\t1250\t2\t750\t45.26\tpatience",
+        "att-n3\t1250\t2\t750\t45.26\tpatience",
     ]
     # a rerun trains nothing and adds no component again
     assert subprocess.run(args, env=env, capture_output=True, text=True, timeout=60).returncode == 0

@@ -240,23 +240,23 @@ def test_lines_without_omega_render_nothing_and_say_so(tmp_path):
 # --- scripts -----------------------------------------------------------------------------------
 
 # trains up to --max-epoch (default 1); validation perplexity by epoch from STUB_PPLS, the last repeated
-# (default: 194.01 after epoch 1, 193.5, a gain < 1%, after every later one); like fairseq, it rewrites
-# checkpoint_best.pt only at an epoch that lowers the best validation perplexity
+# (default: 194.01 after epoch 1, 193.5, a gain < 1%, after epoch 2, and 193.6 after every later one); like
+# fairseq, it rewrites checkpoint_best.pt at an epoch whose logged loss is <= the best so far
 STUB_FAIRSEQ_TRAIN = """#!/usr/bin/env bash
 echo "fairseq-train $*" >> "$CALLS"
 epoch=1
 while [ $# -gt 0 ]; do [ "$1" = --save-dir ] && dir=$2; [ "$1" = --max-epoch ] && epoch=$2; shift; done
-read -r -a ppls <<< "${STUB_PPLS:-194.01 193.5}"
+read -r -a ppls <<< "${STUB_PPLS:-194.01 193.5 193.6}"
 ppl=${ppls[$((epoch - 1))]:-${ppls[-1]}}
+loss=$(awk -v p="$ppl" 'BEGIN {printf "%.3f", log(p) / log(2)}')
 touch "$dir/checkpoint_last.pt"
-best=$(cat "$dir/best_ppl" 2>/dev/null || echo none)
-if [ "$best" = none ] || awk -v p="$ppl" -v b="$best" 'BEGIN {exit !(p + 0 < b + 0)}'; then
-  echo "the model of epoch $epoch" > "$dir/checkpoint_best.pt" && echo "$ppl" > "$dir/best_ppl"
+best=$(cat "$dir/best_loss" 2>/dev/null || echo none)
+if [ "$best" = none ] || awk -v l="$loss" -v b="$best" 'BEGIN {exit !(l + 0 <= b + 0)}'; then
+  echo "the model of epoch $epoch" > "$dir/checkpoint_best.pt" && echo "$loss" > "$dir/best_loss"
 fi
 t='2024-01-01 00:00:00 | INFO'
 printf "$t | train_inner | epoch %03d:    100 / 200 loss=9.1, ppl=548.2\\n" "$epoch"
 printf "$t | train | epoch %03d | loss 7.438 | ppl 173.42 | wps 5000 | train_wall 60 |\\n" "$epoch"
-loss=$(awk -v p="$ppl" 'BEGIN {printf "%.3f", log(p) / log(2)}')
 printf "$t | valid | epoch %03d | valid on 'valid' subset | loss $loss | ppl $ppl | wps 9\\n" "$epoch"
 """
 
@@ -428,7 +428,7 @@ def test_a_model_finished_under_another_rule_trains_on_and_is_evaluated_again(sa
     pipeline.write_text(pipeline.read_text() + 'sha=$(sha256sum "$CKPT" | cut -d " " -f 1)\n'
                         'echo "{\\"knobs\\": {\\"checkpoint\\": \\"$sha\\"}}" > "$OUT/results.jsonl"\n')
     args = ("repo/scripts/ton2022.sh", "--scale", "small", "--omegas", "0", "--seeds", "2")
-    ppls = "194.01 193.5 193.5 150 149.9"  # best at epoch 2 under the old rule, at epoch 5 under the new one
+    ppls = "194.01 193.5 193.6 150 149.9 150.5"  # best at epoch 2 under the old rule, at epoch 5 under the new one
     assert run_script(sandbox, *args, STUB_PPLS=ppls, PATIENCE="1").returncode == 0
     models = sandbox / "results/ton2022-small/models"
     old = (models / "wikitext-2.w0-s2.jsonl").read_text()
@@ -439,7 +439,7 @@ def test_a_model_finished_under_another_rule_trains_on_and_is_evaluated_again(sa
     proc = run_script(sandbox, *args, STUB_PPLS=ppls)
     assert proc.returncode == 0, proc.stderr
     assert "was finished under another stopping rule: training on until MIN_GAIN=0.01 PATIENCE=3" in proc.stdout
-    # epochs 4 and 5, then 6 and 7 (149.9 again) until three epochs in a row gain less than 1%
+    # epochs 4 and 5, then 6 and 7 (150.5) until three epochs in a row gain less than 1%
     trains = [c for c in calls(sandbox) if c.startswith("fairseq-train")]
     assert [t.split()[-1] for t in trains] == ["1", "2", "3", "4", "5", "6", "7"]
     assert (ckpt / "checkpoint_best.pt").read_text() == "the model of epoch 5\n"
@@ -615,6 +615,17 @@ def test_train_ppl_reads_the_last_epoch_line(tmp_path):
     read = f"source {lib}; train_ppl {log}; train_ppl {tmp_path / 'absent.log'}"
     proc = subprocess.run(["bash", "-c", read], capture_output=True, text=True, check=True)
     assert proc.stdout == "119.4\n"
+
+
+def test_best_valid_is_the_epoch_fairseq_keeps_as_checkpoint_best(tmp_path):
+    """The lowest logged loss; of equal ones the last, which fairseq's `<=` rule writes over the first."""
+    log = tmp_path / "train.log"
+    lines = [(1, "7.6", "194.01"), (2, "7.55", "187.44"), (3, "7.55", "187.46"), (4, "7.556", "188.16")]
+    log.write_text("".join(f"x | INFO | valid | epoch {e:03d} | valid on 'valid' subset | loss {loss} | ppl {p} |\n"
+                           for e, loss, p in lines))
+    read = f"source {SCRIPTS / 'lib.sh'}; best_valid {log}; best_valid {tmp_path / 'absent.log'}"
+    proc = subprocess.run(["bash", "-c", read], capture_output=True, text=True, check=True)
+    assert proc.stdout == "3 187.46\n"
 
 
 def test_json_field_reads_a_key_path_and_is_empty_when_absent(tmp_path):

@@ -86,9 +86,13 @@ def parse_fairseq_log(path: str | Path) -> list[EpochRecord]:
 
 
 def summarize(records: Sequence[EpochRecord]) -> dict[str, float | int | None]:
-    """Best epoch by validation loss, its perplexity, epochs run and summed ``train_wall`` (seconds)."""
+    """The epoch ``checkpoint_best.pt`` holds, its perplexity, epochs run and summed ``train_wall`` (seconds).
+
+    That epoch has the lowest logged validation loss, the last of equal ones: fairseq replaces the
+    best checkpoint at every loss ``<=`` the best so far.
+    """
     validated = [r for r in records if "loss" in r.valid]
-    best = min(validated, key=lambda r: r.valid["loss"]) if validated else None
+    best = min(reversed(validated), key=lambda r: r.valid["loss"]) if validated else None
     walls = [r.train["train_wall"] for r in records if "train_wall" in r.train]
     return {
         "epochs": len(records),

@@ -46,6 +46,7 @@ from fairseq.logging import metrics
 from omegaconf import II
 from torch import Tensor, nn
 
+from knnlm.criterions.logged_loss import log_loss_bits
 from knnlm.errors import KnnlmError
 from knnlm.models.capture import KEY_TYPES, KeyCapture
 
@@ -231,9 +232,9 @@ class ActivationL2Criterion(FairseqCriterion):
         loss_sum, ntokens, sample_size = total("loss"), total("ntokens"), total("sample_size")
         if sample_size == 0:
             return
-        metrics.log_scalar("loss", loss_sum / sample_size / math.log(2), sample_size, round=3)
+        log_loss_bits("loss", loss_sum, sample_size)
         if sample_size != ntokens:
-            metrics.log_scalar("nll_loss", loss_sum / ntokens / math.log(2), ntokens, round=3)
+            log_loss_bits("nll_loss", loss_sum, ntokens)
             metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["nll_loss"].avg))
         else:
             metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["loss"].avg))

@@ -13,7 +13,6 @@ Logged: ``loss`` is the objective; ``nll_loss``/``ppl`` the head's own cross-ent
 
 # no `from __future__ import annotations`: fairseq reads dataclass field types at runtime
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +20,7 @@ from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.logging import metrics
 
+from knnlm.criterions.logged_loss import log_loss_bits
 from knnlm.errors import KnnlmError
 from knnlm.scoring_torch import interpolate
 
@@ -81,8 +81,8 @@ class DatastoreReplacementCriterion(FairseqCriterion):
         nll = sum(float(log.get("nll_loss", 0)) for log in logging_outputs)
         ntokens = sum(log.get("ntokens", 0) for log in logging_outputs)
         sample_size = sum(log.get("sample_size", 0) for log in logging_outputs)
-        metrics.log_scalar("loss", loss / max(sample_size, 1) / math.log(2), sample_size, round=3)
-        metrics.log_scalar("nll_loss", nll / max(ntokens, 1) / math.log(2), ntokens, round=3)
+        log_loss_bits("loss", loss, sample_size)
+        log_loss_bits("nll_loss", nll, ntokens)
         metrics.log_derived("ppl", lambda meters: 2 ** meters["nll_loss"].avg)
 
     @staticmethod
