@@ -43,6 +43,9 @@ Options:
   --from DIR|ZIP        offline WikiText copy for `knnlm prepare` (one dataset only)
   --out DIR             report folder (default results/ton2022-<scale>)
   --report-only         train and evaluate nothing: render the report from the models finished so far
+  --train-only          train (or train on) the models and evaluate nothing, render no report: a model
+                        trained over several sittings (TRAIN_DEADLINE) is scored once, when it has
+                        stopped, by the same call without this flag; its kept lines stay until then
   -h, --help            this text
 
 Every finished model is skipped on a rerun and an interrupted training resumes from its
@@ -74,7 +77,7 @@ EOF
 # shellcheck source=scripts/lib.sh
 source "$(dirname "$0")/lib.sh"
 
-SCALE='' OMEGAS='' SEEDS='' DATASETS='' FROM='' OUT_DIR='' MOCO='' REPORT_ONLY=0 RUN_NAMES=''
+SCALE='' OMEGAS='' SEEDS='' DATASETS='' FROM='' OUT_DIR='' MOCO='' REPORT_ONLY=0 TRAIN_ONLY=0 RUN_NAMES=''
 while [ $# -gt 0 ]; do
   case $1 in
     -h | --help) usage; exit 0 ;;
@@ -88,6 +91,7 @@ while [ $# -gt 0 ]; do
     --from) need_value "$1" $#; FROM=$(abspath "$2"); shift 2 ;;
     --out) need_value "$1" $#; OUT_DIR=$(abspath "$2"); shift 2 ;;
     --report-only) REPORT_ONLY=1; shift ;;
+    --train-only) TRAIN_ONLY=1; shift ;;
     *) usage_error "unknown argument '$1'" ;;
   esac
 done
@@ -102,6 +106,7 @@ case $SCALE in
   '') usage_error "--scale small|paper is required" ;;
   *) usage_error "--scale must be small or paper, not '$SCALE'" ;;
 esac
+[ "$REPORT_ONLY$TRAIN_ONLY" != 11 ] || usage_error "--report-only and --train-only exclude each other"
 read -r -a DATASET_LIST <<< "$DATASETS"
 for dataset in "${DATASET_LIST[@]}"; do
   case $dataset in wikitext-2 | wikitext-103) ;; *) usage_error "unknown dataset '$dataset'" ;; esac
@@ -199,6 +204,7 @@ run_one() {  # dataset criterion omega seed: train (or reuse), evaluate, keep th
   run_dir=runs/ton2022-$SCALE/$dataset/$name
   kept=$OUT_DIR/models/$dataset.$name
   train_lm "$(recipe_of "$dataset")" "data-bin/$dataset" "$ckpt_dir" "$omega" "$seed" "$criterion"
+  [ "$TRAIN_ONLY" = 0 ] || return 0
   supersede_if_retrained "$name" "$ckpt_dir/checkpoint_best.pt" "$kept" "$run_dir"
   if [ -f "$kept.jsonl" ] && [ -f "$kept.tsv" ] && ! keeps_neighbours "$criterion" "$seed"; then
     echo "$name is evaluated already ($kept.jsonl; delete it to evaluate again)"
@@ -235,6 +241,10 @@ for dataset in "${DATASET_LIST[@]}"; do
   done
 done
 
+if [ "$TRAIN_ONLY" = 1 ]; then
+  echo "trained; nothing evaluated (--train-only): the same call without it evaluates what has stopped"
+  exit 0
+fi
 step "report -> $OUT_DIR"
 compgen -G "$OUT_DIR/models/*.jsonl" > /dev/null || die "no finished model in $OUT_DIR/models/ to report on"
 printf 'dataset\tcriterion\tomega\tseed\ttrain_seconds\tbest_epoch\tbest_valid_ppl\ttrain_ppl\n' > "$OUT_DIR/training.tsv"

@@ -470,6 +470,30 @@ def test_a_model_trained_on_without_a_new_best_keeps_its_lines_and_updates_its_f
     assert not (sandbox / "results/ton2022-small/superseded").exists()
 
 
+def test_train_only_trains_and_leaves_the_kept_lines_to_the_call_without_it(sandbox):
+    """A model trained again over sittings is not scored at each cut: its old lines stay until it stops."""
+    args = ("repo/scripts/ton2022.sh", "--scale", "small", "--omegas", "0", "--seeds", "1")
+    kept = sandbox / "results/ton2022-small/models"
+    kept.mkdir(parents=True)
+    (kept / "wikitext-2.w0-s1.jsonl").write_text('{"run": "kept earlier"}\n')
+    proc = run_script(sandbox, *args, "--train-only", PATIENCE="1")
+    assert proc.returncode == 0, proc.stderr
+    assert "nothing evaluated (--train-only)" in proc.stdout
+    assert [c.split()[-1] for c in calls(sandbox) if c.startswith("fairseq-train")] == ["1", "2", "3"]
+    assert not [c for c in calls(sandbox) if c.startswith(("pipeline", "knnlm report", "knnlm analyze"))]
+    assert [p.name for p in kept.iterdir()] == ["wikitext-2.w0-s1.jsonl"]
+    assert not (sandbox / "results/ton2022-small/report.md").exists()
+    before = len(calls(sandbox))
+    proc = run_script(sandbox, *args, PATIENCE="1")
+    assert proc.returncode == 0, proc.stderr
+    after = calls(sandbox)[before:]
+    assert not [c for c in after if c.startswith("fairseq-train")]
+    assert [c for c in after if c.startswith("pipeline")]
+    assert "kept earlier" not in (kept / "wikitext-2.w0-s1.jsonl").read_text()
+    both = run_script(sandbox, *args, "--train-only", "--report-only")
+    assert both.returncode == 2 and "exclude each other" in both.stderr
+
+
 def test_ton2022_report_only_renders_the_finished_models_and_runs_nothing_else(sandbox):
     proc = run_script(sandbox, "repo/scripts/ton2022.sh", "--scale", "small", "--report-only")
     assert proc.returncode == 1 and "no finished model in" in proc.stderr and calls(sandbox) == []
